@@ -1,0 +1,4 @@
+//! Execution backends. `cpu` holds the reference implementation of every op (forward and
+//! backward), generic over f32/f64; the CUDA backend mirrors it op family by op family.
+
+pub mod cpu;

@@ -1,0 +1,1 @@
+//! (op timing harness: filled in later)

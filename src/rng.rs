@@ -119,7 +119,9 @@ impl Rng {
 
     /// `n` normals with the given mean and standard deviation, as f32.
     pub fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (mean + std * self.normal()) as f32).collect()
+        (0..n)
+            .map(|_| (mean + std * self.normal()) as f32)
+            .collect()
     }
 
     /// Fisher–Yates shuffle of `0..n`, as torch.randperm would be used for (not bit-compatible
@@ -147,7 +149,10 @@ mod tests {
         r.next_u64();
         assert_eq!(r.next_u64(), 0x6834_1b4d_33d2_c7cb);
         let x = crate::tensor::Tensor::randn_named(0, "x", &[4], 1.0);
-        assert_eq!(x.data(), &[0.840_688_4, 0.935_050_13, -1.037_015_7, 1.405_645_4]);
+        assert_eq!(
+            x.data(),
+            &[0.840_688_4, 0.935_050_13, -1.037_015_7, 1.405_645_4]
+        );
         let y = crate::tensor::Tensor::rand_named(3, "y", &[3], -1.0, 2.0);
         assert_eq!(y.data(), &[1.920_171_1, -0.066_035_226, -0.454_823_88]);
         assert_eq!(fnv1a64(b""), 0xCBF2_9CE4_8422_2325);

@@ -179,7 +179,12 @@ impl<T: Element> Tensor<T> {
     pub fn cast<U: Element>(&self) -> Tensor<U> {
         Tensor {
             shape: self.shape.clone(),
-            storage: Storage::Cpu(self.data().iter().map(|&x| U::from_f64(x.as_f64())).collect()),
+            storage: Storage::Cpu(
+                self.data()
+                    .iter()
+                    .map(|&x| U::from_f64(x.as_f64()))
+                    .collect(),
+            ),
         }
     }
 
@@ -214,7 +219,10 @@ impl<T: Element> Tensor<T> {
         if self.shape.is_empty() || sizes.iter().sum::<usize>() != self.shape[0] {
             return Err(Error::shape(
                 "split_batch",
-                format!("sizes {:?} do not add up to the batch of {:?}", sizes, self.shape),
+                format!(
+                    "sizes {:?} do not add up to the batch of {:?}",
+                    sizes, self.shape
+                ),
             ));
         }
         let row = numel(&self.shape[1..]);
@@ -238,7 +246,12 @@ impl Tensor<f32> {
     pub fn to_bf16(&self) -> Tensor<half::bf16> {
         Tensor {
             shape: self.shape.clone(),
-            storage: Storage::Cpu(self.data().iter().map(|&x| half::bf16::from_f32(x)).collect()),
+            storage: Storage::Cpu(
+                self.data()
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x))
+                    .collect(),
+            ),
         }
     }
 

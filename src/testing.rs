@@ -278,7 +278,11 @@ mod tests {
     #[test]
     fn rel_l2_rejects_nan() {
         assert!(rel_l2(&[1.0, f32::NAN], &[1.0, 2.0]).is_nan());
-        assert!(!(rel_l2(&[1.0, f32::NAN], &[1.0, 2.0]) <= 1.0));
+        let e = rel_l2(&[1.0, f32::NAN], &[1.0, 2.0]);
+        assert!(
+            e.partial_cmp(&1.0) != Some(std::cmp::Ordering::Less),
+            "NaN must not compare below a tolerance"
+        );
         assert!(rel_l2(&[1.0, 2.0], &[1.0, 2.0]) == 0.0);
     }
 }

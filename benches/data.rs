@@ -1,0 +1,2 @@
+//! Data-pipeline benchmarks (decode + crops); filled in with the loader.
+fn main() {}

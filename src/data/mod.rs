@@ -6,10 +6,13 @@
 //! sampled separately from their application: the transforms in [`transforms`] are pure functions
 //! of the image and explicit parameters, which is how they are checked against torchvision.
 
+pub mod augment;
 pub mod dataset;
 pub mod decode;
 pub mod error;
 pub mod image;
+pub mod mixup;
+pub mod transforms;
 
 pub use dataset::{Dataset, LabelSpec, Sample, SemiSupervised};
 pub use decode::{decode_bytes, decode_file, decode_files};

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod decode;
 pub mod error;
 pub mod image;
+pub mod loader;
 pub mod mixup;
 pub mod transforms;
 
@@ -18,3 +19,4 @@ pub use dataset::{Dataset, LabelSpec, Sample, SemiSupervised};
 pub use decode::{decode_bytes, decode_file, decode_files};
 pub use error::{DataError, DataResult};
 pub use image::Image;
+pub use loader::{BadInput, Batch, BatchKind, CyclingLoader, EpochLoader, LoaderConfig};

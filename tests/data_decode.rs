@@ -108,3 +108,24 @@ fn parallel_decode_keeps_order() {
         assert_eq!(r.expect("decode"), seq, "{}", p.display());
     }
 }
+
+#[test]
+fn every_imagenet_sample_decodes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Some(dir) = [root.join("../shared/data"), root.join("../../shared/data")]
+        .into_iter()
+        .map(|d| d.join("imagenet-samples/train"))
+        .find(|p| p.is_dir())
+    else {
+        eprintln!("SKIP every_imagenet_sample_decodes: ../shared/data/imagenet-samples not found");
+        return;
+    };
+    // Grayscale, ICC, EXIF and every chroma subsampling of the real files must decode.
+    let ds = sdengine::data::Dataset::image_folder(&dir).expect("scan");
+    assert_eq!(ds.len(), 400);
+    let paths: Vec<&Path> = ds.samples.iter().map(|s| s.path.as_path()).collect();
+    for (p, r) in paths.iter().zip(decode_files(&paths)) {
+        let img = r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(img.height >= 16 && img.width >= 16, "{}", p.display());
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod data;
 pub mod error;
 pub mod rng;
 pub mod tensor;

@@ -192,7 +192,14 @@ pub fn attention_backward<T: Float>(
                 gather_head(xs, row, hi * d, d, T::one(), q);
                 gather_head(xs, row, c + hi * d, d, T::one(), k);
                 gather_head(xs, row, 2 * c + hi * d, d, T::one(), v);
-                gather_head(&dy[bi * n * c..(bi + 1) * n * c], c, hi * d, d, T::one(), d_o);
+                gather_head(
+                    &dy[bi * n * c..(bi + 1) * n * c],
+                    c,
+                    hi * d,
+                    d,
+                    T::one(),
+                    d_o,
+                );
                 let (dq, rest) = gh.split_at_mut(n * d);
                 let (dk, dv) = rest.split_at_mut(n * d);
                 matmul(n, d, n, p, true, d_o, false, dv, false);
@@ -264,7 +271,9 @@ mod tests {
                 for i in 0..n {
                     let mut s: Vec<f64> = (0..n)
                         .map(|j| {
-                            (0..d).map(|e| at(bi, i, 0, hi, e) * at(bi, j, 1, hi, e)).sum::<f64>()
+                            (0..d)
+                                .map(|e| at(bi, i, 0, hi, e) * at(bi, j, 1, hi, e))
+                                .sum::<f64>()
                                 / (d as f64).sqrt()
                         })
                         .collect();
@@ -288,7 +297,10 @@ mod tests {
     fn shape_errors_name_the_shapes() {
         let qkv = Tensor::<f64>::zeros(&[2, 5, 12]);
         let e = attention_forward(&qkv, 3).unwrap_err().to_string();
-        assert!(e.contains("attention_forward") && e.contains("[2, 5, 12]"), "{e}");
+        assert!(
+            e.contains("attention_forward") && e.contains("[2, 5, 12]"),
+            "{e}"
+        );
         let e = attention_forward(&Tensor::<f64>::zeros(&[2, 5, 13]), 2)
             .unwrap_err()
             .to_string();
@@ -302,7 +314,10 @@ mod tests {
         let e = attention_backward(&Tensor::zeros(&[2, 5, 3]), &qkv, &ctx)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("attention_backward") && e.contains("[2, 5, 3]"), "{e}");
+        assert!(
+            e.contains("attention_backward") && e.contains("[2, 5, 3]"),
+            "{e}"
+        );
         let other = Tensor::<f64>::zeros(&[2, 6, 12]);
         let e = attention_backward(&Tensor::zeros(&[2, 6, 4]), &other, &ctx)
             .unwrap_err()

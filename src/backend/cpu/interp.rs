@@ -288,15 +288,24 @@ mod tests {
         let e = bicubic_forward(&x, Bicubic::to_size(5, 4, 2, 2))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("bicubic_forward") && e.contains("[4, 5, 3]"), "{e}");
+        assert!(
+            e.contains("bicubic_forward") && e.contains("[4, 5, 3]"),
+            "{e}"
+        );
         let e = bicubic_forward(&Tensor::<f64>::zeros(&[4, 5]), Bicubic::to_size(4, 5, 2, 2))
             .unwrap_err()
             .to_string();
         assert!(e.contains("[4, 5]"), "{e}");
-        let e = bicubic_backward(&Tensor::<f64>::zeros(&[3, 2, 3]), Bicubic::to_size(4, 5, 2, 2))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("bicubic_backward") && e.contains("[3, 2, 3]"), "{e}");
+        let e = bicubic_backward(
+            &Tensor::<f64>::zeros(&[3, 2, 3]),
+            Bicubic::to_size(4, 5, 2, 2),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("bicubic_backward") && e.contains("[3, 2, 3]"),
+            "{e}"
+        );
         assert!(bicubic_forward(&x, Bicubic::to_size(4, 5, 0, 2)).is_err());
         assert!(Bicubic::with_scale_factor(4, 5, 0.0, 1.0).is_err());
         assert!(Bicubic::with_scale_factor(4, 5, f64::NAN, 1.0).is_err());

@@ -280,9 +280,9 @@ mod tests {
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
                     s.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
-                    for j in 0..n {
-                        let p = ctx.probs.data()[((bi * h + hi) * n + i) * n + j];
-                        assert!((p - s[j]).abs() < 1e-12);
+                    let row = ((bi * h + hi) * n + i) * n;
+                    for (p, want) in ctx.probs.data()[row..row + n].iter().zip(&s) {
+                        assert!((p - want).abs() < 1e-12);
                     }
                     for e in 0..d {
                         let o: f64 = (0..n).map(|j| s[j] * at(bi, j, 2, hi, e)).sum();

@@ -63,15 +63,9 @@ for _name, (_b, _n) in {"attn": (8, 197), "attn96": (64, 37)}.items():
     CASES[f"{_name}_bwd"] = _bwd
 CASES["pos_interp_fwd"] = make_pos_interp()
 
-# F.scaled_dot_product_attention on the same shapes, reported alongside (not an engine case).
-SDPA_CASES = {}
-for _name, (_b, _n) in {"attn": (8, 197), "attn96": (64, 37)}.items():
-    _fwd, _bwd = make(sdpa_attention, _b, _n, 0)
-    SDPA_CASES[f"{_name}_sdpa_fwd"] = _fwd
-    SDPA_CASES[f"{_name}_sdpa_bwd"] = _bwd
-
 
 if __name__ == "__main__":
+    # F.scaled_dot_product_attention on the same shapes, reported alongside (not an engine case).
     import argparse
     import os
     import sys
@@ -83,10 +77,16 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    SDPA_CASES = {}
+    for _name, (_b, _n) in {"attn": (8, 197), "attn96": (64, 37)}.items():
+        _fwd, _bwd = make(sdpa_attention, _b, _n, 0)
+        SDPA_CASES[f"{_name}_sdpa_fwd"] = _fwd
+        SDPA_CASES[f"{_name}_sdpa_bwd"] = _bwd
     print("| case | timm path (ms) | SDPA (ms) |")
     print("|---|---:|---:|")
     for name in ["attn_fwd", "attn_bwd", "attn96_fwd", "attn96_bwd"]:
         base, kind = name.rsplit("_", 1)
-        t_timm = time_case(CASES[name])
-        t_sdpa = time_case(SDPA_CASES[f"{base}_sdpa_{kind}"])
+        with torch.no_grad() if kind == "fwd" else torch.enable_grad():
+            t_timm = time_case(CASES[name])
+            t_sdpa = time_case(SDPA_CASES[f"{base}_sdpa_{kind}"])
         print(f"| {name} | {t_timm * 1e3:.3f} | {t_sdpa * 1e3:.3f} |")

@@ -1,1 +1,700 @@
-//! (filled in by the op-family work)
+//! 2-D convolution (ResNet-50's convs, ViT's 16x16/16 patch embedding), forward and backward.
+//!
+//! Layout: activations NHWC `[N, H, W, C]`, weights `[O, KH, KW, C]` ("KRSC"), bias `[O]`, output
+//! `[N, OH, OW, O]` with `OH = (H + 2p − KH)/s + 1` (floor), square stride `s` and zero padding `p`.
+//!
+//! Every product is a GEMM ([`matmul`]) over the im2col matrix `cols: [N·OH·OW, KH·KW·C]`, whose row
+//! for an output pixel is its receptive field in weight order (kh, kw, c). In NHWC that row is KH
+//! contiguous runs of KW·C input values (one per kernel row), so im2col is a few `memcpy`s per
+//! pixel, and `cols · Wᵀ` reads the `[O, K]` weight as its transpose through strides:
+//! - forward   `Y[P, O]  = cols[P, K] · W[O, K]ᵀ` (+ bias, pre-filled into `Y`);
+//! - weights   `dW[O, K] = dY[P, O]ᵀ · cols[P, K]`;
+//! - input     `dcols[P, K] = dY[P, O] · W[O, K]`, then col2im (the scatter-add of the patches).
+//!
+//! A 1x1 stride-1 unpadded conv (ResNet's bottleneck 1x1s) needs no im2col: `cols` is the input
+//! itself and `dX = dcols`. Strided 1x1s (downsample) and patch embedding (kernel == stride, no
+//! padding) go through the general im2col, which for them is exactly the strided / reshaping gather.
+//!
+//! Work split (measured on 2 cores, see `benches/conv.rs`): the forward and the weight gradient
+//! split the output pixels into one contiguous group per thread; each group builds im2col for a
+//! chunk of rows in its own buffer (bounded, cache-sized) and runs single-threaded GEMMs, so the
+//! copy and the product it feeds stay on one core. Each group accumulates its own `dW` partial and
+//! the partials are summed in group order (deterministic). The input gradient runs chunk by chunk
+//! over output rows: one multi-threaded GEMM for `dcols`, then col2im parallel over *input* rows,
+//! each gathering every contribution it receives, so writes never race and the summation order is
+//! fixed.
+
+use super::matmul::matmul;
+use crate::error::{Error, Result};
+use crate::tensor::{Float, Tensor};
+use rayon::prelude::*;
+
+/// Stride and zero padding of a 2-D convolution (the same along H and W); the kernel size comes
+/// from the weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Step between receptive fields, ≥ 1.
+    pub stride: usize,
+    /// Zero padding added on each side of H and W.
+    pub padding: usize,
+}
+
+/// Gradients returned by [`conv2d_backward`].
+#[derive(Clone, Debug)]
+pub struct Conv2dGrads<T: Float> {
+    /// Gradient of the input `[N, H, W, C]`; `None` when not requested (a network's first layer).
+    pub dx: Option<Tensor<T>>,
+    /// Gradient of the weight `[O, KH, KW, C]`.
+    pub dw: Tensor<T>,
+    /// Gradient of the bias `[O]`; `None` when the conv has no bias.
+    pub db: Option<Tensor<T>>,
+}
+
+/// Buffer sizes of the chunked loops (tests shrink them to exercise chunk boundaries).
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    /// Bytes of one thread's im2col buffer in the forward: a chunk of `cols` that stays in the
+    /// core's cache while the GEMM consumes it.
+    fwd_chunk_bytes: usize,
+    /// Bytes of one thread's im2col buffer in the weight gradient: larger, because each chunk's
+    /// GEMM reads and writes the whole `dW` partial, so fewer, deeper chunks win.
+    dw_chunk_bytes: usize,
+    /// Bytes of the `dcols` buffer of the input gradient (one at a time, shared by all threads).
+    dx_chunk_bytes: usize,
+    /// Rows of `cols` a GEMM gets at least, so that packing the weight is amortised.
+    min_chunk_rows: usize,
+}
+
+/// The sizes used by the public functions (measured with `benches/conv.rs`).
+const TUNING: Tuning = Tuning {
+    fwd_chunk_bytes: 1 << 20,
+    dw_chunk_bytes: 8 << 20,
+    dx_chunk_bytes: 8 << 20,
+    min_chunk_rows: 256,
+};
+
+/// Rows of `dy` summed by one task of the bias gradient.
+const DB_ROWS_PER_TASK: usize = 512;
+
+/// The shapes of one convolution, checked and derived once.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geom {
+    /// Length of an im2col row: one receptive field.
+    fn k(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+
+    /// Rows of the im2col matrix: output pixels of the whole batch.
+    fn pixels(&self) -> usize {
+        self.n * self.oh * self.ow
+    }
+
+    /// 1x1, stride 1, no padding: the input already is the im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+
+    /// The range `[lo, hi)` of kernel columns whose input column `x0 + kw` lies inside the image,
+    /// for a receptive field starting at input column `x0` (negative in the left padding).
+    fn kw_range(&self, x0: isize) -> (usize, usize) {
+        let lo = (-x0).clamp(0, self.kw as isize) as usize;
+        let hi = (self.w as isize - x0).clamp(lo as isize, self.kw as isize) as usize;
+        (lo, hi)
+    }
+}
+
+/// Checks input, weight and parameters and derives the output size.
+fn geometry<T: Float>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    p: Conv2dParams,
+) -> Result<Geom> {
+    x.expect_rank(op, "input (NHWC)", 4)?;
+    w.expect_rank(op, "weight (O×KH×KW×I)", 4)?;
+    if p.stride == 0 {
+        return Err(Error::invalid(op, "stride must be at least 1"));
+    }
+    let (n, h, wd, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (o, kh, kw, wc) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
+    if wc != c || [h, wd, c, o, kh, kw].contains(&0) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "input {:?} (NHWC) and weight {:?} (O×KH×KW×I): the weight's last dimension must equal the input's channels, and every size but the batch must be ≥ 1",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    if h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
+        return Err(Error::shape(
+            op,
+            format!(
+                "input {:?} with padding {} is smaller than the kernel {kh}x{kw} of weight {:?}",
+                x.shape(),
+                p.padding,
+                w.shape()
+            ),
+        ));
+    }
+    Ok(Geom {
+        n,
+        h,
+        w: wd,
+        c,
+        o,
+        kh,
+        kw,
+        s: p.stride,
+        p: p.padding,
+        oh: (h + 2 * p.padding - kh) / p.stride + 1,
+        ow: (wd + 2 * p.padding - kw) / p.stride + 1,
+    })
+}
+
+/// im2col for output pixels `p0 .. p0 + cols.len()/K` (flattened n, oy, ox): row `i` of `cols`
+/// becomes the receptive field of pixel `p0 + i` in weight order (kh, kw, c), zeros where it
+/// reaches into the padding. Each kernel row is one contiguous copy of up to KW·C values.
+fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, cols: &mut [T]) {
+    let k = g.k();
+    let run = g.kw * g.c;
+    let plane = g.oh * g.ow;
+    for (i, row) in cols.chunks_exact_mut(k).enumerate() {
+        let pix = p0 + i;
+        let (n, r) = (pix / plane, pix % plane);
+        let (oy, ox) = (r / g.ow, r % g.ow);
+        let x0 = (ox * g.s) as isize - g.p as isize;
+        let (lo, hi) = g.kw_range(x0);
+        for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
+            let iy = (oy * g.s + ky) as isize - g.p as isize;
+            if iy < 0 || iy >= g.h as isize || lo == hi {
+                dst.fill(T::ZERO);
+                continue;
+            }
+            dst[..lo * g.c].fill(T::ZERO);
+            dst[hi * g.c..].fill(T::ZERO);
+            let src = ((n * g.h + iy as usize) * g.w + (x0 + lo as isize) as usize) * g.c;
+            dst[lo * g.c..hi * g.c].copy_from_slice(&x[src..src + (hi - lo) * g.c]);
+        }
+    }
+}
+
+/// col2im for the output rows `r0..r1` (flattened n·OH + oy) whose patch gradients are `dcols`
+/// (`[(r1−r0)·OW, K]`): adds every patch value into `dx` at the input position it came from.
+/// Parallel over input rows: each task gathers all contributions to its own row of `dx`, so
+/// writes never race and every element is summed in the same order on every run.
+fn col2im_rows<T: Float>(dcols: &[T], g: &Geom, r0: usize, r1: usize, dx: &mut [T]) {
+    let k = g.k();
+    let row_len = g.w * g.c;
+    // Input rows (flattened n·H + iy) that the output rows r0..r1 touch, as one contiguous range.
+    let in_row = |r: usize, ky: usize| {
+        let (n, oy) = (r / g.oh, r % g.oh);
+        let iy = ((oy * g.s + ky) as isize - g.p as isize).clamp(0, g.h as isize) as usize;
+        n * g.h + iy
+    };
+    let first = in_row(r0, 0);
+    let last = in_row(r1 - 1, g.kh).max(first);
+    dx[first * row_len..last * row_len]
+        .par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(i, dx_row)| {
+            let q = first + i;
+            let (n, iy) = (q / g.h, q % g.h);
+            for ky in 0..g.kh {
+                let t = (iy + g.p) as isize - ky as isize;
+                if t < 0 || t as usize % g.s != 0 {
+                    continue;
+                }
+                let oy = t as usize / g.s;
+                let r = n * g.oh + oy;
+                if oy >= g.oh || r < r0 || r >= r1 {
+                    continue;
+                }
+                let base = (r - r0) * g.ow;
+                for ox in 0..g.ow {
+                    let x0 = (ox * g.s) as isize - g.p as isize;
+                    let (lo, hi) = g.kw_range(x0);
+                    let src = (base + ox) * k + (ky * g.kw) * g.c;
+                    let src = &dcols[src + lo * g.c..src + hi * g.c];
+                    let dst = (x0 + lo as isize).max(0) as usize * g.c;
+                    let dst = &mut dx_row[dst..dst + src.len()];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d += v;
+                    }
+                }
+            }
+        });
+}
+
+/// Rows per chunk for a `K`-wide buffer of about `bytes`, at least `min_rows`.
+fn chunk_rows<T>(bytes: usize, k: usize, min_rows: usize) -> usize {
+    (bytes / (k * std::mem::size_of::<T>()).max(1)).max(min_rows)
+}
+
+/// Splits `rows` into contiguous groups, one per rayon thread (fewer when there are few rows):
+/// returns the rows per group.
+fn group_rows(rows: usize, min_rows: usize) -> usize {
+    let groups = rayon::current_num_threads()
+        .min(rows.div_ceil(min_rows.div_ceil(4)))
+        .max(1);
+    rows.div_ceil(groups).max(1)
+}
+
+/// 2-D convolution `y = conv(x, w) + b`: `x [N, H, W, C]`, `w [O, KH, KW, C]`, optional
+/// `bias [O]`, returns `y [N, OH, OW, O]`.
+///
+/// One GEMM `cols · Wᵀ` per chunk of output pixels; the output pixels are split into one group per
+/// thread, each building im2col into its own cache-sized buffer right before its GEMM consumes it.
+/// 1x1 stride-1 convs multiply the input directly. The bias is written into `y` first and the
+/// GEMM accumulates onto it (no separate pass).
+pub fn conv2d_forward<T: Float>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    p: Conv2dParams,
+) -> Result<Tensor<T>> {
+    forward_tuned(x, w, bias, p, TUNING)
+}
+
+/// [`conv2d_forward`] with explicit buffer sizes.
+fn forward_tuned<T: Float>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    p: Conv2dParams,
+    tu: Tuning,
+) -> Result<Tensor<T>> {
+    const OP: &str = "conv2d_forward";
+    let g = geometry(OP, x, w, p)?;
+    if let Some(b) = bias {
+        b.expect_shape(OP, "bias", &[g.o])?;
+    }
+    let (rows, k, o) = (g.pixels(), g.k(), g.o);
+    let mut y = Tensor::zeros(&[g.n, g.oh, g.ow, o]);
+    if rows == 0 || o == 0 {
+        return Ok(y);
+    }
+    let (xd, wd) = (x.data(), w.data());
+    let bd = bias.map(|b| b.data());
+    let per_group = group_rows(rows, tu.min_chunk_rows);
+    y.data_mut()
+        .par_chunks_mut(per_group * o)
+        .enumerate()
+        .for_each(|(gi, y_group)| {
+            let g_rows = y_group.len() / o;
+            let chunk = chunk_rows::<T>(tu.fwd_chunk_bytes, k, tu.min_chunk_rows).min(g_rows);
+            let mut buf = if g.pointwise() {
+                Vec::new()
+            } else {
+                vec![T::ZERO; chunk * k]
+            };
+            for (ci, y_chunk) in y_group.chunks_mut(chunk * o).enumerate() {
+                let p0 = gi * per_group + ci * chunk;
+                let m = y_chunk.len() / o;
+                let a: &[T] = if g.pointwise() {
+                    &xd[p0 * k..(p0 + m) * k]
+                } else {
+                    im2col(xd, &g, p0, &mut buf[..m * k]);
+                    &buf[..m * k]
+                };
+                if let Some(b) = bd {
+                    for row in y_chunk.chunks_exact_mut(o) {
+                        row.copy_from_slice(b);
+                    }
+                }
+                matmul(m, o, k, a, false, wd, true, y_chunk, bd.is_some());
+            }
+        });
+    Ok(y)
+}
+
+/// Backward of [`conv2d_forward`]: given `x`, `w` and `dy [N, OH, OW, O]`, returns `dw` always,
+/// `dx` when `need_dx` (skip it for a network's first layer) and `db` when `need_db` (the conv
+/// has a bias).
+///
+/// `dW = dYᵀ·cols` is split over one group of output pixels per thread, each rebuilding its im2col
+/// chunks and accumulating its own partial (summed in group order). `dX` is `dY·W` chunk by chunk
+/// (a multi-threaded GEMM) scattered back by col2im; for a 1x1 stride-1 conv it is the GEMM alone.
+pub fn conv2d_backward<T: Float>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    dy: &Tensor<T>,
+    p: Conv2dParams,
+    need_dx: bool,
+    need_db: bool,
+) -> Result<Conv2dGrads<T>> {
+    backward_tuned(x, w, dy, p, need_dx, need_db, TUNING)
+}
+
+/// [`conv2d_backward`] with explicit buffer sizes.
+fn backward_tuned<T: Float>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    dy: &Tensor<T>,
+    p: Conv2dParams,
+    need_dx: bool,
+    need_db: bool,
+    tu: Tuning,
+) -> Result<Conv2dGrads<T>> {
+    const OP: &str = "conv2d_backward";
+    let g = geometry(OP, x, w, p)?;
+    dy.expect_shape(OP, "dy", &[g.n, g.oh, g.ow, g.o])?;
+    let db = if need_db {
+        Some(Tensor::from_vec(bias_grad(dy.data(), g.o), &[g.o])?)
+    } else {
+        None
+    };
+    let dw = Tensor::from_vec(weight_grad(x.data(), dy.data(), &g, tu), w.shape())?;
+    let dx = if need_dx {
+        Some(Tensor::from_vec(
+            input_grad(w.data(), dy.data(), &g, tu),
+            x.shape(),
+        )?)
+    } else {
+        None
+    };
+    Ok(Conv2dGrads { dx, dw, db })
+}
+
+/// `db[o] = Σ_rows dy[row, o]`: partial sums over fixed blocks of rows (in parallel), added in
+/// block order.
+fn bias_grad<T: Float>(dy: &[T], o: usize) -> Vec<T> {
+    if o == 0 {
+        return Vec::new();
+    }
+    let partials: Vec<Vec<T>> = dy
+        .par_chunks(DB_ROWS_PER_TASK * o)
+        .map(|block| {
+            let mut acc = vec![T::ZERO; o];
+            for row in block.chunks_exact(o) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut db = vec![T::ZERO; o];
+    for part in partials {
+        for (a, v) in db.iter_mut().zip(part) {
+            *a += v;
+        }
+    }
+    db
+}
+
+/// `dW[O, K] = dY[P, O]ᵀ · cols[P, K]`, split over groups of rows, one partial per group.
+fn weight_grad<T: Float>(x: &[T], dy: &[T], g: &Geom, tu: Tuning) -> Vec<T> {
+    let (rows, k, o) = (g.pixels(), g.k(), g.o);
+    if rows == 0 {
+        return vec![T::ZERO; o * k];
+    }
+    let per_group = group_rows(rows, tu.min_chunk_rows);
+    let groups = rows.div_ceil(per_group);
+    let partials: Vec<Vec<T>> = (0..groups)
+        .into_par_iter()
+        .map(|gi| {
+            let start = gi * per_group;
+            let end = (start + per_group).min(rows);
+            let chunk = chunk_rows::<T>(tu.dw_chunk_bytes, k, tu.min_chunk_rows).min(end - start);
+            let mut buf = if g.pointwise() {
+                Vec::new()
+            } else {
+                vec![T::ZERO; chunk * k]
+            };
+            let mut dw = vec![T::ZERO; o * k];
+            for p0 in (start..end).step_by(chunk) {
+                let m = chunk.min(end - p0);
+                let a: &[T] = if g.pointwise() {
+                    &x[p0 * k..(p0 + m) * k]
+                } else {
+                    im2col(x, g, p0, &mut buf[..m * k]);
+                    &buf[..m * k]
+                };
+                matmul(
+                    o,
+                    k,
+                    m,
+                    &dy[p0 * o..(p0 + m) * o],
+                    true,
+                    a,
+                    false,
+                    &mut dw,
+                    p0 != start,
+                );
+            }
+            dw
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().unwrap_or_else(|| vec![T::ZERO; o * k]);
+    for part in parts {
+        dw.par_chunks_mut(4096)
+            .zip(part.par_chunks(4096))
+            .for_each(|(a, b)| {
+                for (a, &b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+            });
+    }
+    dw
+}
+
+/// `dX = col2im(dY · W)`: per chunk of output rows one multi-threaded GEMM into the `dcols`
+/// buffer, then the parallel col2im. A 1x1 stride-1 conv is the single GEMM `dY[P, O] · W[O, C]`.
+fn input_grad<T: Float>(w: &[T], dy: &[T], g: &Geom, tu: Tuning) -> Vec<T> {
+    let (k, o) = (g.k(), g.o);
+    let mut dx = vec![T::ZERO; g.n * g.h * g.w * g.c];
+    if g.pixels() == 0 || dx.is_empty() {
+        return dx;
+    }
+    if g.pointwise() {
+        matmul(g.pixels(), k, o, dy, false, w, false, &mut dx, false);
+        return dx;
+    }
+    let out_rows = g.n * g.oh;
+    let row_k = g.ow * k;
+    let chunk = (tu.dx_chunk_bytes / (row_k * std::mem::size_of::<T>()).max(1)).clamp(1, out_rows);
+    let mut dcols = vec![T::ZERO; chunk * row_k];
+    for r0 in (0..out_rows).step_by(chunk) {
+        let r1 = (r0 + chunk).min(out_rows);
+        let m = (r1 - r0) * g.ow;
+        let dc = &mut dcols[..m * k];
+        matmul(
+            m,
+            k,
+            o,
+            &dy[r0 * g.ow * o..r1 * g.ow * o],
+            false,
+            w,
+            false,
+            dc,
+            false,
+        );
+        col2im_rows(dc, g, r0, r1, &mut dx);
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_gradients, randn64, GradCheck};
+
+    /// Tiny buffers: many chunks and groups even for the small test shapes.
+    const TINY: Tuning = Tuning {
+        fwd_chunk_bytes: 1,
+        dw_chunk_bytes: 1,
+        dx_chunk_bytes: 1,
+        min_chunk_rows: 3,
+    };
+
+    /// Direct 7-loop convolution, the definition.
+    fn naive(
+        x: &Tensor<f64>,
+        w: &Tensor<f64>,
+        b: Option<&Tensor<f64>>,
+        p: Conv2dParams,
+    ) -> Tensor<f64> {
+        let g = geometry("naive", x, w, p).unwrap();
+        let mut y = Tensor::zeros(&[g.n, g.oh, g.ow, g.o]);
+        let (xd, wd) = (x.data(), w.data());
+        for n in 0..g.n {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    for o in 0..g.o {
+                        let mut s = b.map_or(0.0, |b| b.data()[o]);
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.s + ky) as isize - g.p as isize;
+                                let ix = (ox * g.s + kx) as isize - g.p as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                for c in 0..g.c {
+                                    s += xd
+                                        [((n * g.h + iy as usize) * g.w + ix as usize) * g.c + c]
+                                        * wd[((o * g.kh + ky) * g.kw + kx) * g.c + c];
+                                }
+                            }
+                        }
+                        y.data_mut()[((n * g.oh + oy) * g.ow + ox) * g.o + o] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// (name, x shape, weight shape, stride, padding, bias)
+    #[allow(clippy::type_complexity)]
+    const CASES: &[(&str, [usize; 4], [usize; 4], usize, usize, bool)] = &[
+        ("1x1_s1", [2, 5, 7, 3], [4, 1, 1, 3], 1, 0, false),
+        ("1x1_s2", [2, 7, 5, 4], [3, 1, 1, 4], 2, 0, false),
+        ("3x3_s1_p1", [2, 5, 7, 3], [4, 3, 3, 3], 1, 1, false),
+        ("3x3_s2_p1", [3, 7, 6, 4], [5, 3, 3, 4], 2, 1, true),
+        ("7x7_s2_p3", [2, 11, 9, 3], [4, 7, 7, 3], 2, 3, false),
+        ("patch_4x4_s4", [2, 8, 13, 3], [5, 4, 4, 3], 4, 0, true),
+    ];
+
+    fn inputs(name: &str, xs: [usize; 4], ws: [usize; 4], bias: bool) -> Vec<Tensor<f64>> {
+        let mut v = vec![
+            randn64(1, &format!("{name}.x"), &xs),
+            randn64(1, &format!("{name}.w"), &ws),
+        ];
+        if bias {
+            v.push(randn64(1, &format!("{name}.b"), &[ws[0]]));
+        }
+        v
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for &(name, xs, ws, s, pad, bias) in CASES {
+            let p = Conv2dParams {
+                stride: s,
+                padding: pad,
+            };
+            let v = inputs(name, xs, ws, bias);
+            let want = naive(&v[0], &v[1], v.get(2), p);
+            for tu in [TUNING, TINY] {
+                let got = forward_tuned(&v[0], &v[1], v.get(2), p, tu).unwrap();
+                assert_eq!(got.shape(), want.shape(), "{name}");
+                for (a, b) in got.data().iter().zip(want.data()) {
+                    assert!(
+                        (a - b).abs() < 1e-12 * (1.0 + b.abs()),
+                        "{name}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for &(name, xs, ws, s, pad, bias) in CASES {
+            let p = Conv2dParams {
+                stride: s,
+                padding: pad,
+            };
+            let v = inputs(name, xs, ws, bias);
+            check_gradients(
+                name,
+                &v,
+                |v| conv2d_forward(&v[0], &v[1], v.get(2), p),
+                |v, dy| {
+                    let g = conv2d_backward(&v[0], &v[1], dy, p, true, v.len() == 3)?;
+                    let mut out = vec![g.dx, Some(g.dw)];
+                    if v.len() == 3 {
+                        out.push(g.db);
+                    }
+                    Ok(out)
+                },
+                GradCheck::default(),
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_backward_matches_unchunked() {
+        for &(name, xs, ws, s, pad, bias) in CASES {
+            let p = Conv2dParams {
+                stride: s,
+                padding: pad,
+            };
+            let v = inputs(name, xs, ws, bias);
+            let y = conv2d_forward(&v[0], &v[1], v.get(2), p).unwrap();
+            let dy = randn64(2, &format!("{name}.dy"), y.shape());
+            let a = backward_tuned(&v[0], &v[1], &dy, p, true, bias, TUNING).unwrap();
+            let b = backward_tuned(&v[0], &v[1], &dy, p, true, bias, TINY).unwrap();
+            let pairs = [(a.dx, b.dx), (Some(a.dw), Some(b.dw)), (a.db, b.db)];
+            for (i, (ga, gb)) in pairs.into_iter().enumerate() {
+                assert_eq!(ga.is_some(), gb.is_some());
+                if let (Some(ga), Some(gb)) = (ga, gb) {
+                    for (u, w) in ga.data().iter().zip(gb.data()) {
+                        assert!(
+                            (u - w).abs() < 1e-12 * (1.0 + w.abs()),
+                            "{name} grad {i}: {u} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn optional_gradients_are_skipped() {
+        let p = Conv2dParams {
+            stride: 2,
+            padding: 3,
+        };
+        let x = randn64(3, "x", &[1, 9, 9, 3]);
+        let w = randn64(3, "w", &[2, 7, 7, 3]);
+        let dy = randn64(3, "dy", &[1, 5, 5, 2]);
+        let g = conv2d_backward(&x, &w, &dy, p, false, false).unwrap();
+        assert!(g.dx.is_none() && g.db.is_none());
+        assert_eq!(g.dw.shape(), w.shape());
+    }
+
+    #[test]
+    fn shape_errors_name_the_shapes() {
+        let p = Conv2dParams {
+            stride: 1,
+            padding: 1,
+        };
+        let x = Tensor::<f64>::zeros(&[2, 5, 5, 3]);
+        let w = Tensor::<f64>::zeros(&[4, 3, 3, 2]);
+        let e = conv2d_forward(&x, &w, None, p).unwrap_err().to_string();
+        assert!(
+            e.contains("conv2d_forward")
+                && e.contains("[4, 3, 3, 2]")
+                && e.contains("[2, 5, 5, 3]"),
+            "{e}"
+        );
+        let w = Tensor::<f64>::zeros(&[4, 3, 3, 3]);
+        let b = Tensor::<f64>::zeros(&[5]);
+        let e = conv2d_forward(&x, &w, Some(&b), p).unwrap_err().to_string();
+        assert!(e.contains("bias") && e.contains("[5]"), "{e}");
+        let big = Tensor::<f64>::zeros(&[4, 9, 9, 3]);
+        let e = conv2d_forward(&x, &big, None, p).unwrap_err().to_string();
+        assert!(e.contains("smaller than the kernel"), "{e}");
+        let dy = Tensor::<f64>::zeros(&[2, 4, 5, 4]);
+        let e = conv2d_backward(&x, &w, &dy, p, true, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("conv2d_backward")
+                && e.contains("[2, 4, 5, 4]")
+                && e.contains("[2, 5, 5, 4]"),
+            "{e}"
+        );
+        let e = conv2d_forward(
+            &x,
+            &w,
+            None,
+            Conv2dParams {
+                stride: 0,
+                padding: 0,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stride"), "{e}");
+        let e = conv2d_forward(&Tensor::<f64>::zeros(&[5, 5, 3]), &w, None, p).unwrap_err();
+        assert!(e.to_string().contains("[5, 5, 3]"), "{e}");
+    }
+}

@@ -2,7 +2,8 @@
 //! `benches/torch/conv.py`: the stem conv (7x7/2, 3→64; its backward computes only dW, like a
 //! first layer), per stage s1..s4 (width 64/128/256/512 at 56/28/14/7 px) the 3x3 conv
 //! (width→width) and the expanding 1x1 conv (width→4·width), whose backwards compute dX and dW,
-//! and the stem max-pool (3/2/1, 64 channels, 112→56).
+//! the stride-2 convs of stage 2's first block (3x3 128→128 and the 1x1 downsample 256→512, both
+//! 56→28), and the stem max-pool (3/2/1, 64 channels, 112→56).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sdengine::backend::cpu::conv::{conv2d_backward, conv2d_forward, Conv2dParams};
@@ -91,6 +92,19 @@ fn bench(c: &mut Criterion) {
             true,
         );
     }
+
+    // Not in the brief's list, but on ResNet-50's path and the only users of the strided
+    // (col2im) input gradient: stage 2's first 3x3 (stride 2) and its 1x1 downsample.
+    let s2p1 = Conv2dParams {
+        stride: 2,
+        padding: 1,
+    };
+    let s2p0 = Conv2dParams {
+        stride: 2,
+        padding: 0,
+    };
+    conv_cases(&mut g, "s2_3x3s2", 128, 128, 3, s2p1, 56, true);
+    conv_cases(&mut g, "s2_down", 256, 512, 1, s2p0, 56, true);
 
     let p = MaxPool2dParams {
         kernel: 3,

@@ -26,6 +26,8 @@ pub struct MaxPool2dParams {
 pub struct MaxPool2dSaved {
     /// Shape of the input `[N, H, W, C]`.
     pub x_shape: [usize; 4],
+    /// Shape of the output `[N, OH, OW, C]`.
+    pub y_shape: [usize; 4],
     /// For every output element `[N, OH, OW, C]`, the position `iy·W + ix` of its maximum within
     /// its image (PyTorch's `indices`), u32 to halve the memory of i64.
     pub argmax: Vec<u32>,
@@ -81,6 +83,7 @@ pub fn max_pool2d_forward<T: Float>(
             y,
             MaxPool2dSaved {
                 x_shape: [n, h, w, c],
+                y_shape: [n, oh, ow, c],
                 argmax,
             },
         ));
@@ -108,6 +111,7 @@ pub fn max_pool2d_forward<T: Float>(
         y,
         MaxPool2dSaved {
             x_shape: [n, h, w, c],
+            y_shape: [n, oh, ow, c],
             argmax,
         },
     ))
@@ -234,14 +238,14 @@ mod simd {
 pub fn max_pool2d_backward<T: Float>(dy: &Tensor<T>, saved: &MaxPool2dSaved) -> Result<Tensor<T>> {
     const OP: &str = "max_pool2d_backward";
     let [n, h, w, c] = saved.x_shape;
-    dy.expect_rank(OP, "dy", 4)?;
-    if dy.dim(0) != n || dy.dim(3) != c || saved.argmax.len() != dy.numel() {
+    if dy.shape() != saved.y_shape || saved.argmax.len() != dy.numel() {
         return Err(Error::shape(
             OP,
             format!(
-                "dy has shape {:?} but the forward saw input {:?} and saved {} arg-max entries",
+                "dy has shape {:?}, but the forward mapped input {:?} to {:?} ({} arg-max entries saved)",
                 dy.shape(),
                 saved.x_shape,
+                saved.y_shape,
                 saved.argmax.len()
             ),
         ));

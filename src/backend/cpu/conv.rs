@@ -729,6 +729,28 @@ mod tests {
     }
 
     #[test]
+    fn results_are_bit_identical_across_runs() {
+        for &(name, xs, ws, s, pad, bias) in CASES {
+            let p = Conv2dParams {
+                stride: s,
+                padding: pad,
+            };
+            let v = inputs(name, xs, ws, bias);
+            let y = conv2d_forward(&v[0], &v[1], v.get(2), p).unwrap();
+            let dy = randn64(3, &format!("{name}.dy"), y.shape());
+            for tu in [TUNING, TINY] {
+                let a = backward_tuned(&v[0], &v[1], &dy, p, true, bias, tu).unwrap();
+                let b = backward_tuned(&v[0], &v[1], &dy, p, true, bias, tu).unwrap();
+                assert_eq!(a.dx, b.dx, "{name}");
+                assert_eq!(a.dw, b.dw, "{name}");
+                assert_eq!(a.db, b.db, "{name}");
+                let fwd = || forward_tuned(&v[0], &v[1], v.get(2), p, tu).unwrap();
+                assert_eq!(fwd(), fwd(), "{name}");
+            }
+        }
+    }
+
+    #[test]
     fn optional_gradients_are_skipped() {
         let p = Conv2dParams {
             stride: 2,

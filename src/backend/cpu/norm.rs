@@ -24,7 +24,7 @@
 //! Layer norm and L2 normalisation work row by row over the last dimension: a row (384 floats
 //! for ViT-S) stays in L1 between its reduction and its output, so each is one pass over memory.
 
-use super::elementwise::{par_fill, simd, CHUNK};
+use super::elementwise::{emit, par_fill, should_stream, simd, CHUNK, TILE};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
@@ -47,6 +47,10 @@ fn rows_per_task(d: usize) -> usize {
 
 /// Sum of `f(x[i])` with 16 independent accumulators, so that LLVM vectorises it; the order of
 /// additions is fixed (deterministic).
+///
+/// The accumulators pass through `black_box` before the final fold: without that barrier LLVM's
+/// SLP vectoriser "sees" the horizontal fold and splits the loop into 2-wide pieces; with it the
+/// loop body becomes two full-width vector adds.
 #[inline(always)]
 fn lane_sum<T: Float>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 16];
@@ -60,12 +64,7 @@ fn lane_sum<T: Float>(x: &[T], f: impl Fn(T) -> T) -> T {
     for &v in it.remainder() {
         tail += f(v);
     }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            acc[i] = acc[i] + acc[i + w];
-        }
-    }
-    acc[0] + tail
+    fold16(std::hint::black_box(acc)) + tail
 }
 
 /// Two-input version of [`lane_sum`]: `Σ f(a[i], b[i])`.
@@ -83,12 +82,18 @@ fn lane_sum2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     for (&u, &v) in ia.remainder().iter().zip(ib.remainder()) {
         tail += f(u, v);
     }
+    fold16(std::hint::black_box(acc)) + tail
+}
+
+/// Pairwise sum of 16 lanes (fixed order).
+#[inline(always)]
+fn fold16<T: Float>(mut acc: [T; 16]) -> T {
     for w in [8, 4, 2, 1] {
         for i in 0..w {
             acc[i] = acc[i] + acc[i + w];
         }
     }
-    acc[0] + tail
+    acc[0]
 }
 
 /// Errors unless `t` has shape `[c]`.
@@ -275,22 +280,40 @@ fn bn_column_sums<T: Float>(x: &[T], c: usize, s: &mut [f64], q: &mut [f64]) {
     }
 }
 
-/// `out = relu?(x·scale + shift)` over a block of rows.
+/// Splits a span of a row-major `rows × c` matrix that starts at column `ch0` into runs that
+/// each lie within one row: `run(i, ch, n)` covers span elements `i..i + n`, columns
+/// `ch..ch + n`. Lets the per-channel kernels work on tiles that do not start at a row.
 #[inline(always)]
-fn bn_apply_rows<T: Float, const RELU: bool>(
+fn for_each_run(len: usize, c: usize, ch0: usize, mut run: impl FnMut(usize, usize, usize)) {
+    let (mut i, mut ch) = (0, ch0);
+    while i < len {
+        let n = (c - ch).min(len - i);
+        run(i, ch, n);
+        i += n;
+        ch = 0;
+    }
+}
+
+/// `out = relu?(x·scale + shift)` over a span of rows starting at channel `ch0`.
+#[inline(always)]
+fn bn_apply_span<T: Float, const RELU: bool>(
     x: &[T],
     out: &mut [MaybeUninit<T>],
+    ch0: usize,
     scale: &[T],
     shift: &[T],
 ) {
-    let c = scale.len();
     let zero = T::zero();
-    for (orow, xrow) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        for (((o, &v), &s), &b) in orow.iter_mut().zip(xrow).zip(scale).zip(shift) {
+    for_each_run(x.len(), scale.len(), ch0, |i, ch, n| {
+        let it = out[i..i + n]
+            .iter_mut()
+            .zip(&x[i..i + n])
+            .zip(scale[ch..ch + n].iter().zip(&shift[ch..ch + n]));
+        for ((o, &v), (&s, &b)) in it {
             let y = bn_affine(v, s, b);
             o.write(if RELU && y < zero { zero } else { y });
         }
-    }
+    });
 }
 
 /// `dy'`: dy masked by the fused ReLU (`y > 0`, y recomputed from x).
@@ -328,33 +351,35 @@ fn bn_grad_sums<T: Float, const RELU: bool>(
     }
 }
 
-/// `dx = dy'·scale + (x − mean)·k1 + k0` over a block of rows (training: k0, k1 carry the
-/// batch-statistics terms; evaluation: k0 = k1 = 0 and `dx = dy'·scale`).
+/// `dx = dy'·scale + (x − mean)·k1 + k0` over a span of rows starting at channel `ch0`
+/// (training: k0, k1 carry the batch-statistics terms; evaluation: k0 = k1 = 0 and
+/// `dx = dy'·scale`).
 #[inline(always)]
-fn bn_grad_apply_rows<T: Float, const RELU: bool>(
+fn bn_grad_apply_span<T: Float, const RELU: bool>(
     dy: &[T],
     x: &[T],
     out: &mut [MaybeUninit<T>],
+    ch0: usize,
     ctx: &BatchNormCtx<T>,
     k0: &[T],
     k1: &[T],
 ) {
-    let c = ctx.mean.len();
-    for ((orow, grow), xrow) in out
-        .chunks_exact_mut(c)
-        .zip(dy.chunks_exact(c))
-        .zip(x.chunks_exact(c))
-    {
-        let it = orow
+    for_each_run(x.len(), ctx.mean.len(), ch0, |i, ch, n| {
+        let r = ch..ch + n;
+        let it = out[i..i + n]
             .iter_mut()
-            .zip(grow.iter().zip(xrow))
-            .zip(ctx.scale.iter().zip(&ctx.shift))
-            .zip(ctx.mean.iter().zip(k0.iter().zip(k1)));
+            .zip(dy[i..i + n].iter().zip(&x[i..i + n]))
+            .zip(ctx.scale[r.clone()].iter().zip(&ctx.shift[r.clone()]))
+            .zip(
+                ctx.mean[r.clone()]
+                    .iter()
+                    .zip(k0[r.clone()].iter().zip(&k1[r])),
+            );
         for (((o, (&g, &v)), (&s, &b)), (&m, (&a0, &a1))) in it {
             let g = bn_masked_dy::<T, RELU>(g, v, s, b);
             o.write(g * s + (v - m) * a1 + a0);
         }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,7 +397,10 @@ pub fn batch_norm_stats<T: Float>(x: &Tensor<T>) -> Result<BatchNormPartials> {
         .map(|blk| {
             let mut s = vec![0.0; c];
             let mut q = vec![0.0; c];
-            simd(|| bn_column_sums(blk, c, &mut s, &mut q));
+            simd(
+                #[inline(always)]
+                || bn_column_sums(blk, c, &mut s, &mut q),
+            );
             (s, q)
         })
         .collect();
@@ -487,20 +515,33 @@ pub fn batch_norm_apply<T: Float>(
         ));
     }
     let chunk = rows_per_task(c) * c;
+    let stream = should_stream::<T>(x.numel());
     let xs = x.data();
     let (sc, sh) = (&scale[..], &shift[..]);
-    // SAFETY: output chunks are whole rows (n is a multiple of c and so is `chunk`) and
-    // `bn_apply_rows` writes every element of every row.
+    // SAFETY: output chunks start at a row (`chunk` is a multiple of c), so element `off` of a
+    // chunk is in channel `off % c`; `bn_apply_span` writes every element of the span.
     let y = unsafe {
         par_fill(x.numel(), chunk, |i, out| {
             let xb = &xs[i * chunk..i * chunk + out.len()];
-            simd(|| {
-                if params.relu {
-                    bn_apply_rows::<T, true>(xb, out, sc, sh)
-                } else {
-                    bn_apply_rows::<T, false>(xb, out, sc, sh)
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    emit(
+                        out,
+                        stream,
+                        TILE,
+                        #[inline(always)]
+                        |off, o| {
+                            let xt = &xb[off..off + o.len()];
+                            if params.relu {
+                                bn_apply_span::<T, true>(xt, o, off % c, sc, sh)
+                            } else {
+                                bn_apply_span::<T, false>(xt, o, off % c, sc, sh)
+                            }
+                        },
+                    )
+                },
+            )
         })
     };
     let ctx = BatchNormCtx {
@@ -578,13 +619,16 @@ pub fn batch_norm_backward_reduce<T: Float>(
         .map(|(g, v)| {
             let mut sdy = vec![0.0; c];
             let mut sdx = vec![0.0; c];
-            simd(|| {
-                if ctx.relu {
-                    bn_grad_sums::<T, true>(g, v, ctx, &mut sdy, &mut sdx)
-                } else {
-                    bn_grad_sums::<T, false>(g, v, ctx, &mut sdy, &mut sdx)
-                }
-            });
+            simd(
+                #[inline(always)]
+                || {
+                    if ctx.relu {
+                        bn_grad_sums::<T, true>(g, v, ctx, &mut sdy, &mut sdx)
+                    } else {
+                        bn_grad_sums::<T, false>(g, v, ctx, &mut sdy, &mut sdx)
+                    }
+                },
+            );
             (sdy, sdx)
         })
         .collect();
@@ -637,20 +681,34 @@ pub fn batch_norm_backward_apply<T: Float>(
         (vec![T::zero(); c], vec![T::zero(); c])
     };
     let chunk = rows_per_task(c) * c;
+    let stream = should_stream::<T>(x.numel());
     let (g, v) = (dy.data(), x.data());
     let (k0, k1) = (&k0[..], &k1[..]);
-    // SAFETY: output chunks are whole rows and `bn_grad_apply_rows` writes every element.
+    // SAFETY: output chunks start at a row; `bn_grad_apply_span` writes every element.
     let dx = unsafe {
         par_fill(x.numel(), chunk, |i, out| {
             let r = i * chunk..i * chunk + out.len();
             let (gb, vb) = (&g[r.clone()], &v[r]);
-            simd(|| {
-                if ctx.relu {
-                    bn_grad_apply_rows::<T, true>(gb, vb, out, ctx, k0, k1)
-                } else {
-                    bn_grad_apply_rows::<T, false>(gb, vb, out, ctx, k0, k1)
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    emit(
+                        out,
+                        stream,
+                        TILE,
+                        #[inline(always)]
+                        |off, o| {
+                            let r = off..off + o.len();
+                            let (gt, vt) = (&gb[r.clone()], &vb[r]);
+                            if ctx.relu {
+                                bn_grad_apply_span::<T, true>(gt, vt, o, off % c, ctx, k0, k1)
+                            } else {
+                                bn_grad_apply_span::<T, false>(gt, vt, o, off % c, ctx, k0, k1)
+                            }
+                        },
+                    )
+                },
+            )
         })
     };
     Tensor::from_vec(dx, x.shape())
@@ -771,16 +829,19 @@ pub fn layer_norm_forward<T: Float>(
         .zip(x.data().par_chunks(rpt * d))
         .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
         .for_each(|((out, xb), (mb, rb))| {
-            simd(|| {
-                for (((orow, xrow), m), r) in out
-                    .chunks_exact_mut(d)
-                    .zip(xb.chunks_exact(d))
-                    .zip(mb.iter_mut())
-                    .zip(rb.iter_mut())
-                {
-                    (*m, *r) = ln_row(xrow, g, b, e, orow);
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    for (((orow, xrow), m), r) in out
+                        .chunks_exact_mut(d)
+                        .zip(xb.chunks_exact(d))
+                        .zip(mb.iter_mut())
+                        .zip(rb.iter_mut())
+                    {
+                        (*m, *r) = ln_row(xrow, g, b, e, orow);
+                    }
+                },
+            )
         });
     // SAFETY: the output chunks are whole rows (rows·d elements in all) and `ln_row` wrote every
     // element of every row.
@@ -819,31 +880,34 @@ pub fn layer_norm_backward<T: Float>(
         .map(|((out, (gb, xb)), (mb, rb))| {
             let mut dgamma = vec![T::zero(); d];
             let mut dbeta = vec![T::zero(); d];
-            simd(|| {
-                let rows_it = out
-                    .chunks_exact_mut(d)
-                    .zip(gb.chunks_exact(d).zip(xb.chunks_exact(d)))
-                    .zip(mb.iter().zip(rb));
-                for ((orow, (grow, xrow)), (&m, &r)) in rows_it {
-                    // Σ g and Σ g·x̂ with g = dy·γ.
-                    let (sum_g, sum_gxm) = ln_row_grad_sums(grow, xrow, gm, m);
-                    let sum_gx = sum_gxm * r;
-                    let c1 = sum_g * inv_d;
-                    let c2 = sum_gx * inv_d;
-                    for ((((o, &u), &v), &w), (dg, db)) in orow
-                        .iter_mut()
-                        .zip(grow)
-                        .zip(xrow)
-                        .zip(gm)
-                        .zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
-                    {
-                        let xh = (v - m) * r;
-                        o.write(r * (u * w - c1 - xh * c2));
-                        *dg += u * xh;
-                        *db += u;
+            simd(
+                #[inline(always)]
+                || {
+                    let rows_it = out
+                        .chunks_exact_mut(d)
+                        .zip(gb.chunks_exact(d).zip(xb.chunks_exact(d)))
+                        .zip(mb.iter().zip(rb));
+                    for ((orow, (grow, xrow)), (&m, &r)) in rows_it {
+                        // Σ g and Σ g·x̂ with g = dy·γ.
+                        let (sum_g, sum_gxm) = ln_row_grad_sums(grow, xrow, gm, m);
+                        let sum_gx = sum_gxm * r;
+                        let c1 = sum_g * inv_d;
+                        let c2 = sum_gx * inv_d;
+                        for ((((o, &u), &v), &w), (dg, db)) in orow
+                            .iter_mut()
+                            .zip(grow)
+                            .zip(xrow)
+                            .zip(gm)
+                            .zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+                        {
+                            let xh = (v - m) * r;
+                            o.write(r * (u * w - c1 - xh * c2));
+                            *dg += u * xh;
+                            *db += u;
+                        }
                     }
-                }
-            });
+                },
+            );
             (dgamma, dbeta)
         })
         .collect();
@@ -867,19 +931,27 @@ pub fn layer_norm_backward<T: Float>(
     })
 }
 
-/// `(Σ dy·γ, Σ dy·γ·(x − mean))` over a row, 16 lanes each (vectorised, fixed order).
+/// `(Σ dy·γ, Σ dy·γ·(x − mean))` over a row: two [`lane_sum2`]-style loops over the (L1-resident)
+/// row rather than one loop with two accumulator sets, which LLVM vectorises poorly.
 #[inline(always)]
 fn ln_row_grad_sums<T: Float>(dy: &[T], x: &[T], g: &[T], mean: T) -> (T, T) {
     let mut a = [T::zero(); 16];
     let mut b = [T::zero(); 16];
-    let (mut idy, mut ix, mut ig) = (dy.chunks_exact(16), x.chunks_exact(16), g.chunks_exact(16));
-    for ((cd, cx), cg) in (&mut idy).zip(&mut ix).zip(&mut ig) {
-        for k in 0..16 {
-            let u = cd[k] * cg[k];
-            a[k] += u;
-            b[k] += u * (cx[k] - mean);
+    let (mut idy, mut ig) = (dy.chunks_exact(16), g.chunks_exact(16));
+    for (cd, cg) in (&mut idy).zip(&mut ig) {
+        for ((s, &u), &w) in a.iter_mut().zip(cd).zip(cg) {
+            *s += u * w;
         }
     }
+    let a = std::hint::black_box(a);
+    let mut ix = x.chunks_exact(16);
+    let (mut idy, mut ig) = (dy.chunks_exact(16), g.chunks_exact(16));
+    for ((cd, cg), cx) in (&mut idy).zip(&mut ig).zip(&mut ix) {
+        for (((s, &u), &w), &v) in b.iter_mut().zip(cd).zip(cg).zip(cx) {
+            *s += u * w * (v - mean);
+        }
+    }
+    let b = std::hint::black_box(b);
     let (mut ta, mut tb) = (T::zero(), T::zero());
     for ((&d, &v), &w) in idy
         .remainder()
@@ -891,13 +963,7 @@ fn ln_row_grad_sums<T: Float>(dy: &[T], x: &[T], g: &[T], mean: T) -> (T, T) {
         ta += u;
         tb += u * (v - mean);
     }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            a[i] = a[i] + a[i + w];
-            b[i] = b[i] + b[i + w];
-        }
-    }
-    (a[0] + ta, b[0] + tb)
+    (fold16(a) + ta, fold16(b) + tb)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -926,19 +992,22 @@ pub fn l2_normalize_forward<T: Float>(x: &Tensor<T>) -> Result<(Tensor<T>, L2Nor
         .zip(x.data().par_chunks(rpt * d))
         .zip(norm.par_chunks_mut(rpt))
         .for_each(|((out, xb), nb)| {
-            simd(|| {
-                for ((orow, xrow), n) in out
-                    .chunks_exact_mut(d)
-                    .zip(xb.chunks_exact(d))
-                    .zip(nb.iter_mut())
-                {
-                    *n = lane_sum(xrow, |v| v * v).sqrt();
-                    let inv = T::one() / n.max(eps);
-                    for (o, &v) in orow.iter_mut().zip(xrow) {
-                        o.write(v * inv);
+            simd(
+                #[inline(always)]
+                || {
+                    for ((orow, xrow), n) in out
+                        .chunks_exact_mut(d)
+                        .zip(xb.chunks_exact(d))
+                        .zip(nb.iter_mut())
+                    {
+                        *n = lane_sum(xrow, |v| v * v).sqrt();
+                        let inv = T::one() / n.max(eps);
+                        for (o, &v) in orow.iter_mut().zip(xrow) {
+                            o.write(v * inv);
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     // SAFETY: the output chunks are whole rows (rows·d elements) and each row was written.
     unsafe { y.set_len(rows * d) };
@@ -965,27 +1034,30 @@ pub fn l2_normalize_backward<T: Float>(
             let r = i * rpt * d..i * rpt * d + out.len();
             let (gb, xb) = (&g[r.clone()], &v[r]);
             let nb = &ctx.norm[i * rpt..];
-            simd(|| {
-                for (((orow, grow), xrow), &n) in out
-                    .chunks_exact_mut(d)
-                    .zip(gb.chunks_exact(d))
-                    .zip(xb.chunks_exact(d))
-                    .zip(nb)
-                {
-                    if n > eps {
-                        let inv = T::one() / n;
-                        let k = lane_sum2(xrow, grow, |a, b| a * b) * inv * inv;
-                        for ((o, &u), &w) in orow.iter_mut().zip(grow).zip(xrow) {
-                            o.write((u - w * k) * inv);
-                        }
-                    } else {
-                        let inv = T::one() / eps;
-                        for (o, &u) in orow.iter_mut().zip(grow) {
-                            o.write(u * inv);
+            simd(
+                #[inline(always)]
+                || {
+                    for (((orow, grow), xrow), &n) in out
+                        .chunks_exact_mut(d)
+                        .zip(gb.chunks_exact(d))
+                        .zip(xb.chunks_exact(d))
+                        .zip(nb)
+                    {
+                        if n > eps {
+                            let inv = T::one() / n;
+                            let k = lane_sum2(xrow, grow, |a, b| a * b) * inv * inv;
+                            for ((o, &u), &w) in orow.iter_mut().zip(grow).zip(xrow) {
+                                o.write((u - w * k) * inv);
+                            }
+                        } else {
+                            let inv = T::one() / eps;
+                            for (o, &u) in orow.iter_mut().zip(grow) {
+                                o.write(u * inv);
+                            }
                         }
                     }
-                }
-            })
+                },
+            )
         })
     };
     Tensor::from_vec(dx, x.shape())
@@ -1274,6 +1346,34 @@ mod tests {
         assert!(e.contains("[4, 3]") && e.contains("[3, 4]"), "{e}");
         let e = l2_normalize_forward(&Tensor::<f32>::zeros(&[3, 0])).unwrap_err();
         assert!(e.to_string().contains("[3, 0]"), "{e}");
+    }
+
+    #[test]
+    fn large_batch_norm_streams_and_matches_f64() {
+        // 4·62·64·265 f32 ≈ 16.8 MB: above the streaming threshold, with an odd channel count so
+        // that the streaming tiles start in the middle of rows.
+        let shape = [4, 62, 64, 265];
+        let x = Tensor::randn_named(2, "bigx", &shape, 1.5);
+        assert!(crate::backend::cpu::elementwise::should_stream::<f32>(x.numel()));
+        let dy = Tensor::randn_named(2, "bigdy", &shape, 1.0);
+        let g = Tensor::randn_named(2, "bigg", &[265], 1.0);
+        let b = Tensor::randn_named(2, "bigb", &[265], 1.0);
+        for relu in [false, true] {
+            let p = BatchNormParams {
+                relu,
+                ..Default::default()
+            };
+            let (mut rm, mut rv) = (Tensor::zeros(&[265]), Tensor::full(&[265], 1.0f32));
+            let (y, ctx) = batch_norm_forward(&x, &g, &b, &mut rm, &mut rv, p).unwrap();
+            let gr = batch_norm_backward(&dy, &x, &ctx).unwrap();
+            let (mut rm6, mut rv6) = (Tensor::zeros(&[265]), Tensor::full(&[265], 1.0f64));
+            let x64 = x.cast::<f64>();
+            let (y6, ctx6) =
+                batch_norm_forward(&x64, &g.cast(), &b.cast(), &mut rm6, &mut rv6, p).unwrap();
+            let gr6 = batch_norm_backward(&dy.cast(), &x64, &ctx6).unwrap();
+            crate::testing::assert_close("big bn y", &y, &y6.cast(), 1e-6);
+            crate::testing::assert_close("big bn dx", &gr.dx, &gr6.dx.cast(), 1e-5);
+        }
     }
 
     #[test]

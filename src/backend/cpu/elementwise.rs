@@ -572,9 +572,17 @@ mod tests {
         assert!(should_stream::<f32>(n));
         let x = Tensor::randn_named(8, "big", &[n], 1.0);
         let y = relu_forward(&x).unwrap();
-        assert!(y.data().iter().zip(x.data()).all(|(&y, &x)| y == x.max(0.0)));
+        assert!(y
+            .data()
+            .iter()
+            .zip(x.data())
+            .all(|(&y, &x)| y == x.max(0.0)));
         let z = add_forward(&x, &y).unwrap();
-        assert!(z.data().iter().zip(x.data()).all(|(&z, &x)| z == x + x.max(0.0)));
+        assert!(z
+            .data()
+            .iter()
+            .zip(x.data())
+            .all(|(&z, &x)| z == x + x.max(0.0)));
         let mask = [true, false, true, true, false];
         let m = n / 5 * 5;
         let xs = Tensor::from_vec(x.data()[..m].to_vec(), &[5, m / 5]).unwrap();

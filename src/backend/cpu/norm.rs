@@ -1354,7 +1354,9 @@ mod tests {
         // that the streaming tiles start in the middle of rows.
         let shape = [4, 62, 64, 265];
         let x = Tensor::randn_named(2, "bigx", &shape, 1.5);
-        assert!(crate::backend::cpu::elementwise::should_stream::<f32>(x.numel()));
+        assert!(crate::backend::cpu::elementwise::should_stream::<f32>(
+            x.numel()
+        ));
         let dy = Tensor::randn_named(2, "bigdy", &shape, 1.0);
         let g = Tensor::randn_named(2, "bigg", &[265], 1.0);
         let b = Tensor::randn_named(2, "bigb", &[265], 1.0);

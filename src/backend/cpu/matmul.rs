@@ -37,16 +37,8 @@ pub fn matmul<T: Float>(
         }
         return;
     }
-    let (a_rs, a_cs) = if trans_a {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if trans_b {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
     let par = if m * n * k >= PARALLEL_MIN_MACS && rayon::current_thread_index().is_none() {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -112,10 +104,7 @@ mod tests {
                     let mut c = vec![1.0; m * n];
                     matmul(m, n, k, &a, ta, &b, tb, &mut c, false);
                     for (x, y) in c.iter().zip(&want) {
-                        assert!(
-                            (x - y).abs() < 1e-9 * (1.0 + y.abs()),
-                            "{m}x{n}x{k} {ta} {tb}"
-                        );
+                        assert!((x - y).abs() < 1e-9 * (1.0 + y.abs()), "{m}x{n}x{k} {ta} {tb}");
                     }
                     matmul(m, n, k, &a, ta, &b, tb, &mut c, true);
                     for (x, y) in c.iter().zip(&want) {

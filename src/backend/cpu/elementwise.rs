@@ -264,7 +264,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p.mul_add(r, 8.333_452e-3);
     let p = p.mul_add(r, 4.166_579_6e-2);
     let p = p.mul_add(r, 1.666_666_5e-1);
-    let p = p.mul_add(r, 5.000_000_1e-1);
+    let p = p.mul_add(r, 0.5);
     let e = p.mul_add(r * r, r) + 1.0;
     // t's bit pattern is 0x4B40_0000 + k for |k| < 2^22; k + 127 is the biased exponent of 2^k.
     let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);

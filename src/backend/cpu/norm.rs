@@ -90,7 +90,7 @@ fn lane_sum2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
 fn fold16<T: Float>(mut acc: [T; 16]) -> T {
     for w in [8, 4, 2, 1] {
         for i in 0..w {
-            acc[i] = acc[i] + acc[i + w];
+            acc[i] += acc[i + w];
         }
     }
     acc[0]
@@ -445,26 +445,26 @@ pub fn batch_norm_finalize<T: Float>(
             ),
         ));
     }
-    if !(params.eps >= 0.0) {
+    if params.eps.is_nan() || params.eps < 0.0 {
         return Err(Error::invalid(OP, format!("eps {} < 0", params.eps)));
     }
     let n = partials.count as f64;
     let m = params.momentum;
     let mut mean = Vec::with_capacity(c);
     let mut invstd = Vec::with_capacity(c);
-    let rm = running_mean.data_mut();
-    for ch in 0..c {
-        let mu = partials.sum[ch] / n;
-        let var = (partials.sumsq[ch] / n - mu * mu).max(0.0);
+    let it = partials.sum.iter().zip(&partials.sumsq).zip(
+        running_mean
+            .data_mut()
+            .iter_mut()
+            .zip(running_var.data_mut()),
+    );
+    for ((&s, &q), (rm, rv)) in it {
+        let mu = s / n;
+        let var = (q / n - mu * mu).max(0.0);
         mean.push(T::from_f64(mu));
         invstd.push(T::from_f64(1.0 / (var + params.eps).sqrt()));
-        rm[ch] = T::from_f64((1.0 - m) * rm[ch].as_f64() + m * mu);
-    }
-    let rv = running_var.data_mut();
-    for ch in 0..c {
-        let mu = partials.sum[ch] / n;
-        let var = (partials.sumsq[ch] / n - mu * mu).max(0.0);
-        rv[ch] = T::from_f64((1.0 - m) * rv[ch].as_f64() + m * var * n / (n - 1.0));
+        *rm = T::from_f64((1.0 - m) * rm.as_f64() + m * mu);
+        *rv = T::from_f64((1.0 - m) * rv.as_f64() + m * var * n / (n - 1.0));
     }
     Ok(BatchNormStats { mean, invstd })
 }
@@ -816,7 +816,7 @@ pub fn layer_norm_forward<T: Float>(
     let (rows, d) = ln_dims(OP, x)?;
     expect_vec(OP, "gamma", gamma, d)?;
     expect_vec(OP, "beta", beta, d)?;
-    if !(eps >= 0.0) {
+    if eps.is_nan() || eps < 0.0 {
         return Err(Error::invalid(OP, format!("eps {eps} < 0")));
     }
     let rpt = rows_per_task(d);

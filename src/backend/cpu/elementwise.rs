@@ -4,10 +4,12 @@
 //!
 //! These ops are memory-bound: each does exactly one read of every input and one write of the
 //! output, in parallel over fixed chunks of [`CHUNK`] elements, with the output allocated
-//! uninitialised (no zero-fill pass: see [`par_fill`]). Inner loops run inside [`simd`], which
-//! compiles them with AVX2+FMA when the CPU has it (the crate targets baseline x86-64, where LLVM
-//! would only use 4-wide SSE2). GELU in f32 evaluates erf and exp with branch-free polynomials that
-//! LLVM vectorises; in f64 (gradient checks) it calls `libm::erf`.
+//! uninitialised (no zero-fill pass: see [`par_fill`]) and, from 16 MB on, written with streaming
+//! stores (no read-for-ownership: see [`emit`]). Inner loops run inside [`simd`], which compiles
+//! them with AVX2+FMA when the CPU has it (the crate targets baseline x86-64, where LLVM would only
+//! use 4-wide SSE2). GELU in f32 evaluates erf and exp with branch-free polynomials that LLVM
+//! vectorises (it is compute-bound: ~45 vector instructions per 8 values); in f64 (gradient
+//! checks) it calls `libm::erf`.
 //!
 //! Layout: any shape; drop path treats dimension 0 as the sample dimension.
 

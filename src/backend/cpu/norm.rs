@@ -14,6 +14,9 @@
 //!   The fused ReLU's mask `y > 0` is recomputed from x with the forward's exact expression, so
 //!   the backward never reads y.
 //!
+//! Outputs of 16 MB and more are written with streaming stores (see `elementwise::emit`), which
+//! saves the read-for-ownership of every destination line; outputs are never zero-filled first.
+//!
 //! The training forward is split as a later SyncBatchNorm needs it: [`batch_norm_stats`] (local
 //! partial sums) → all-reduce of [`BatchNormPartials`] → [`batch_norm_finalize`] (mean, invstd,
 //! running statistics) → [`batch_norm_apply`]. Likewise the backward: [`batch_norm_backward_reduce`]
@@ -101,12 +104,12 @@ fn expect_vec<T: Float>(op: &'static str, what: &str, t: &Tensor<T>, c: usize) -
     t.expect_shape(op, what, &[c])
 }
 
-/// Errors unless a per-channel vector has length `c`.
+/// Errors unless a per-channel (or per-row) vector has length `c`.
 fn expect_len(op: &'static str, what: &str, len: usize, c: usize) -> Result<()> {
     if len != c {
         return Err(Error::shape(
             op,
-            format!("{what} has {len} channels, expected {c}"),
+            format!("{what} has length {len}, expected {c}"),
         ));
     }
     Ok(())

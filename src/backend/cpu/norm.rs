@@ -271,15 +271,42 @@ fn bn_affine<T: Float>(x: T, scale: T, shift: T) -> T {
     x * scale + shift
 }
 
-/// Adds the column sums and sums of squares of a block of rows (`c` columns) to `s`, `q`.
+/// Rows per "super-row" of the per-channel kernels. For small C, `k = 256 / C` consecutive rows
+/// are processed as one row of `k·C` elements against per-channel vectors repeated k times, so
+/// that every inner loop is ≥ 256 elements long: with C = 64 the per-row loop set-up otherwise
+/// costs as much as the loop itself.
+fn bn_group(c: usize) -> usize {
+    if c >= 256 {
+        1
+    } else {
+        256 / c.max(1)
+    }
+}
+
+/// Adds `rep[j]` (a per-super-row-position sum) into `out[j % c]`, in order of `j`.
+fn fold_groups(rep: &[f64], out: &mut [f64]) {
+    let c = out.len();
+    for (j, &v) in rep.iter().enumerate() {
+        out[j % c] += v;
+    }
+}
+
+/// Adds the column sums and sums of squares of a block of super-rows to `s`, `q` (length
+/// `k·C`, see [`bn_group`]); a trailing partial super-row adds to the leading positions.
 #[inline(always)]
-fn bn_column_sums<T: Float>(x: &[T], c: usize, s: &mut [f64], q: &mut [f64]) {
-    for row in x.chunks_exact(c) {
+fn bn_column_sums<T: Float>(x: &[T], s: &mut [f64], q: &mut [f64]) {
+    let mut rows = x.chunks_exact(s.len());
+    for row in &mut rows {
         for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
             let v = v.as_f64();
             *s += v;
             *q += v * v;
         }
+    }
+    for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(rows.remainder()) {
+        let v = v.as_f64();
+        *s += v;
+        *q += v * v;
     }
 }
 
@@ -329,52 +356,76 @@ fn bn_masked_dy<T: Float, const RELU: bool>(g: T, x: T, scale: T, shift: T) -> T
     }
 }
 
-/// Adds `Σ dy'` and `Σ dy'·(x − mean)` of a block of rows to `sdy`, `sdx`.
+/// Per-channel vectors of the backward, repeated [`bn_group`] times.
+struct BnRep<T> {
+    mean: Vec<T>,
+    scale: Vec<T>,
+    shift: Vec<T>,
+}
+
+impl<T: Float> BnRep<T> {
+    fn new(ctx: &BatchNormCtx<T>, k: usize) -> Self {
+        BnRep {
+            mean: ctx.mean.repeat(k),
+            scale: ctx.scale.repeat(k),
+            shift: ctx.shift.repeat(k),
+        }
+    }
+}
+
+/// Adds `Σ dy'` and `Σ dy'·(x − mean)` of a block of super-rows to `sdy`, `sdx` (length `k·C`);
+/// a trailing partial super-row adds to the leading positions.
 #[inline(always)]
 fn bn_grad_sums<T: Float, const RELU: bool>(
     dy: &[T],
     x: &[T],
-    ctx: &BatchNormCtx<T>,
+    rep: &BnRep<T>,
     sdy: &mut [f64],
     sdx: &mut [f64],
 ) {
-    let c = ctx.mean.len();
-    for (grow, xrow) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
+    let ce = rep.mean.len();
+    let mut gi = dy.chunks_exact(ce);
+    let mut xi = x.chunks_exact(ce);
+    let mut row = |grow: &[T], xrow: &[T]| {
         let it = grow
             .iter()
             .zip(xrow)
-            .zip(ctx.scale.iter().zip(&ctx.shift))
-            .zip(ctx.mean.iter())
+            .zip(rep.scale.iter().zip(&rep.shift))
+            .zip(rep.mean.iter())
             .zip(sdy.iter_mut().zip(sdx.iter_mut()));
         for ((((&g, &v), (&s, &b)), &m), (a, bx)) in it {
             let g = bn_masked_dy::<T, RELU>(g, v, s, b).as_f64();
             *a += g;
             *bx += g * (v - m).as_f64();
         }
+    };
+    for (grow, xrow) in (&mut gi).zip(&mut xi) {
+        row(grow, xrow);
     }
+    row(gi.remainder(), xi.remainder());
 }
 
-/// `dx = dy'·scale + (x − mean)·k1 + k0` over a span of rows starting at channel `ch0`
+/// `dx = dy'·scale + (x − mean)·k1 + k0` over a span of super-rows starting at position `ch0`
 /// (training: k0, k1 carry the batch-statistics terms; evaluation: k0 = k1 = 0 and
-/// `dx = dy'·scale`).
+/// `dx = dy'·scale`); all per-channel vectors repeated [`bn_group`] times.
 #[inline(always)]
 fn bn_grad_apply_span<T: Float, const RELU: bool>(
     dy: &[T],
     x: &[T],
     out: &mut [MaybeUninit<T>],
     ch0: usize,
-    ctx: &BatchNormCtx<T>,
+    rep: &BnRep<T>,
     k0: &[T],
     k1: &[T],
 ) {
-    for_each_run(x.len(), ctx.mean.len(), ch0, |i, ch, n| {
+    for_each_run(x.len(), rep.mean.len(), ch0, |i, ch, n| {
         let r = ch..ch + n;
         let it = out[i..i + n]
             .iter_mut()
             .zip(dy[i..i + n].iter().zip(&x[i..i + n]))
-            .zip(ctx.scale[r.clone()].iter().zip(&ctx.shift[r.clone()]))
+            .zip(rep.scale[r.clone()].iter().zip(&rep.shift[r.clone()]))
             .zip(
-                ctx.mean[r.clone()]
+                rep.mean[r.clone()]
                     .iter()
                     .zip(k0[r.clone()].iter().zip(&k1[r])),
             );
@@ -393,16 +444,19 @@ fn bn_grad_apply_span<T: Float, const RELU: bool>(
 /// One read of x; parallel over fixed row blocks, summed in block order (deterministic).
 pub fn batch_norm_stats<T: Float>(x: &Tensor<T>) -> Result<BatchNormPartials> {
     let (rows, c) = bn_dims("batch_norm_stats", x)?;
-    let rpb = reduce_rows_per_block(rows, c);
+    let k = bn_group(c);
+    let ce = k * c;
+    // Blocks start on super-row boundaries, so position j of a block's sums is channel j % c.
+    let rpb = reduce_rows_per_block(rows, c).next_multiple_of(k);
     let parts: Vec<(Vec<f64>, Vec<f64>)> = x
         .data()
         .par_chunks(rpb * c)
         .map(|blk| {
-            let mut s = vec![0.0; c];
-            let mut q = vec![0.0; c];
+            let mut s = vec![0.0; ce];
+            let mut q = vec![0.0; ce];
             simd(
                 #[inline(always)]
-                || bn_column_sums(blk, c, &mut s, &mut q),
+                || bn_column_sums(blk, &mut s, &mut q),
             );
             (s, q)
         })
@@ -413,12 +467,8 @@ pub fn batch_norm_stats<T: Float>(x: &Tensor<T>) -> Result<BatchNormPartials> {
         count: rows,
     };
     for (s, q) in &parts {
-        for (a, b) in p.sum.iter_mut().zip(s) {
-            *a += b;
-        }
-        for (a, b) in p.sumsq.iter_mut().zip(q) {
-            *a += b;
-        }
+        fold_groups(s, &mut p.sum);
+        fold_groups(q, &mut p.sumsq);
     }
     Ok(p)
 }
@@ -517,12 +567,15 @@ pub fn batch_norm_apply<T: Float>(
             beta.data()[ch].as_f64() - stats.mean[ch].as_f64() * s,
         ));
     }
-    let chunk = rows_per_task(c) * c;
+    // Per-channel vectors repeated over super-rows (see `bn_group`); chunks hold whole
+    // super-rows, so element `off` of a chunk sits at position `off % ce` of the repetition.
+    let ce = bn_group(c) * c;
+    let (sc, sh) = (scale.repeat(ce / c), shift.repeat(ce / c));
+    let chunk = (CHUNK / ce).max(1) * ce;
     let stream = should_stream::<T>(x.numel());
     let xs = x.data();
-    let (sc, sh) = (&scale[..], &shift[..]);
-    // SAFETY: output chunks start at a row (`chunk` is a multiple of c), so element `off` of a
-    // chunk is in channel `off % c`; `bn_apply_span` writes every element of the span.
+    let (sc, sh) = (&sc[..], &sh[..]);
+    // SAFETY: `bn_apply_span` writes every element of the span it is given.
     let y = unsafe {
         par_fill(x.numel(), chunk, |i, out| {
             let xb = &xs[i * chunk..i * chunk + out.len()];
@@ -537,9 +590,9 @@ pub fn batch_norm_apply<T: Float>(
                         |off, o| {
                             let xt = &xb[off..off + o.len()];
                             if params.relu {
-                                bn_apply_span::<T, true>(xt, o, off % c, sc, sh)
+                                bn_apply_span::<T, true>(xt, o, off % ce, sc, sh)
                             } else {
-                                bn_apply_span::<T, false>(xt, o, off % c, sc, sh)
+                                bn_apply_span::<T, false>(xt, o, off % ce, sc, sh)
                             }
                         },
                     )
@@ -614,21 +667,23 @@ pub fn batch_norm_backward_reduce<T: Float>(
     ctx: &BatchNormCtx<T>,
 ) -> Result<BatchNormGradPartials> {
     let (rows, c) = bn_backward_dims("batch_norm_backward_reduce", dy, x, ctx)?;
-    let blk = reduce_rows_per_block(rows, c) * c;
+    let k = bn_group(c);
+    let rep = BnRep::new(ctx, k);
+    let blk = reduce_rows_per_block(rows, c).next_multiple_of(k) * c;
     let parts: Vec<(Vec<f64>, Vec<f64>)> = dy
         .data()
         .par_chunks(blk)
         .zip(x.data().par_chunks(blk))
         .map(|(g, v)| {
-            let mut sdy = vec![0.0; c];
-            let mut sdx = vec![0.0; c];
+            let mut sdy = vec![0.0; k * c];
+            let mut sdx = vec![0.0; k * c];
             simd(
                 #[inline(always)]
                 || {
                     if ctx.relu {
-                        bn_grad_sums::<T, true>(g, v, ctx, &mut sdy, &mut sdx)
+                        bn_grad_sums::<T, true>(g, v, &rep, &mut sdy, &mut sdx)
                     } else {
-                        bn_grad_sums::<T, false>(g, v, ctx, &mut sdy, &mut sdx)
+                        bn_grad_sums::<T, false>(g, v, &rep, &mut sdy, &mut sdx)
                     }
                 },
             );
@@ -641,12 +696,8 @@ pub fn batch_norm_backward_reduce<T: Float>(
         count: rows,
     };
     for (a, b) in &parts {
-        for (s, v) in p.sum_dy.iter_mut().zip(a) {
-            *s += v;
-        }
-        for (s, v) in p.sum_dy_xmu.iter_mut().zip(b) {
-            *s += v;
-        }
+        fold_groups(a, &mut p.sum_dy);
+        fold_groups(b, &mut p.sum_dy_xmu);
     }
     Ok(p)
 }
@@ -683,11 +734,16 @@ pub fn batch_norm_backward_apply<T: Float>(
     } else {
         (vec![T::zero(); c], vec![T::zero(); c])
     };
-    let chunk = rows_per_task(c) * c;
+    let k = bn_group(c);
+    let ce = k * c;
+    let rep = BnRep::new(ctx, k);
+    let (k0, k1) = (k0.repeat(k), k1.repeat(k));
+    let chunk = (CHUNK / ce).max(1) * ce;
     let stream = should_stream::<T>(x.numel());
     let (g, v) = (dy.data(), x.data());
-    let (k0, k1) = (&k0[..], &k1[..]);
-    // SAFETY: output chunks start at a row; `bn_grad_apply_span` writes every element.
+    let (rep, k0, k1) = (&rep, &k0[..], &k1[..]);
+    // SAFETY: chunks hold whole super-rows (element `off` is at position `off % ce`), and
+    // `bn_grad_apply_span` writes every element of its span.
     let dx = unsafe {
         par_fill(x.numel(), chunk, |i, out| {
             let r = i * chunk..i * chunk + out.len();
@@ -704,9 +760,9 @@ pub fn batch_norm_backward_apply<T: Float>(
                             let r = off..off + o.len();
                             let (gt, vt) = (&gb[r.clone()], &vb[r]);
                             if ctx.relu {
-                                bn_grad_apply_span::<T, true>(gt, vt, o, off % c, ctx, k0, k1)
+                                bn_grad_apply_span::<T, true>(gt, vt, o, off % ce, rep, k0, k1)
                             } else {
-                                bn_grad_apply_span::<T, false>(gt, vt, o, off % c, ctx, k0, k1)
+                                bn_grad_apply_span::<T, false>(gt, vt, o, off % ce, rep, k0, k1)
                             }
                         },
                     )
@@ -1353,31 +1409,35 @@ mod tests {
 
     #[test]
     fn large_batch_norm_streams_and_matches_f64() {
-        // 4·62·64·265 f32 ≈ 16.8 MB: above the streaming threshold, with an odd channel count so
-        // that the streaming tiles start in the middle of rows.
-        let shape = [4, 62, 64, 265];
-        let x = Tensor::randn_named(2, "bigx", &shape, 1.5);
-        assert!(crate::backend::cpu::elementwise::should_stream::<f32>(
-            x.numel()
-        ));
-        let dy = Tensor::randn_named(2, "bigdy", &shape, 1.0);
-        let g = Tensor::randn_named(2, "bigg", &[265], 1.0);
-        let b = Tensor::randn_named(2, "bigb", &[265], 1.0);
-        for relu in [false, true] {
-            let p = BatchNormParams {
-                relu,
-                ..Default::default()
-            };
-            let (mut rm, mut rv) = (Tensor::zeros(&[265]), Tensor::full(&[265], 1.0f32));
-            let (y, ctx) = batch_norm_forward(&x, &g, &b, &mut rm, &mut rv, p).unwrap();
-            let gr = batch_norm_backward(&dy, &x, &ctx).unwrap();
-            let (mut rm6, mut rv6) = (Tensor::zeros(&[265]), Tensor::full(&[265], 1.0f64));
-            let x64 = x.cast::<f64>();
-            let (y6, ctx6) =
-                batch_norm_forward(&x64, &g.cast(), &b.cast(), &mut rm6, &mut rv6, p).unwrap();
-            let gr6 = batch_norm_backward(&dy.cast(), &x64, &ctx6).unwrap();
-            crate::testing::assert_close("big bn y", &y, &y6.cast(), 1e-6);
-            crate::testing::assert_close("big bn dx", &gr.dx, &gr6.dx.cast(), 1e-5);
+        // ≥ 16 MB of f32 (the streaming threshold). 265 channels: tiles start mid-row; 48
+        // channels: rows are grouped 5 at a time (`bn_group`) and tiles straddle the groups.
+        for shape in [[4, 62, 64, 265], [5, 61, 287, 48]] {
+            let c = shape[3];
+            let x = Tensor::randn_named(2, "bigx", &shape, 1.5);
+            assert!(crate::backend::cpu::elementwise::should_stream::<f32>(
+                x.numel()
+            ));
+            let dy = Tensor::randn_named(2, "bigdy", &shape, 1.0);
+            let g = Tensor::randn_named(2, "bigg", &[c], 1.0);
+            let b = Tensor::randn_named(2, "bigb", &[c], 1.0);
+            for relu in [false, true] {
+                let p = BatchNormParams {
+                    relu,
+                    ..Default::default()
+                };
+                let (mut rm, mut rv) = (Tensor::zeros(&[c]), Tensor::full(&[c], 1.0f32));
+                let (y, ctx) = batch_norm_forward(&x, &g, &b, &mut rm, &mut rv, p).unwrap();
+                let gr = batch_norm_backward(&dy, &x, &ctx).unwrap();
+                let (mut rm6, mut rv6) = (Tensor::zeros(&[c]), Tensor::full(&[c], 1.0f64));
+                let x64 = x.cast::<f64>();
+                let (y6, ctx6) =
+                    batch_norm_forward(&x64, &g.cast(), &b.cast(), &mut rm6, &mut rv6, p).unwrap();
+                let gr6 = batch_norm_backward(&dy.cast(), &x64, &ctx6).unwrap();
+                crate::testing::assert_close("big bn y", &y, &y6.cast(), 1e-6);
+                crate::testing::assert_close("big bn dx", &gr.dx, &gr6.dx.cast(), 1e-5);
+                crate::testing::assert_close("big bn dgamma", &gr.dgamma, &gr6.dgamma.cast(), 1e-5);
+                crate::testing::assert_close("big bn rv", &rv, &rv6.cast(), 1e-6);
+            }
         }
     }
 

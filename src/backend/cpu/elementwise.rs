@@ -279,7 +279,7 @@ fn normal_cdf_pdf_f32(x: f32) -> (f32, f32) {
     let q = q.mul_add(r, 9.618_489e-3);
     let q = q.mul_add(r, 5.550_328_6e-2);
     let q = q.mul_add(r, 0.240_226_46);
-    let q = q.mul_add(r, 0.693_147_2);
+    let q = q.mul_add(r, std::f32::consts::LN_2);
     let q = q.mul_add(r, 1.0);
     // tm's bit pattern is 0x4B40_0000 + k; k + 127 is the biased exponent of 2^k.
     let e = q * f32::from_bits(tm.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);

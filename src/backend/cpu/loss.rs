@@ -11,7 +11,7 @@
 //! Rows are independent: rayon tasks take whole rows, and the per-row losses are summed in row
 //! order afterwards, so the result does not depend on the thread count.
 
-use super::softmax::{rows_per_task, softmax_row};
+use super::softmax::{lane_sum, rows_per_task, softmax_row};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
@@ -120,11 +120,7 @@ pub fn cross_entropy_forward<T: Float>(
         .with_min_len(rows_per_task(k))
         .for_each(|((pr, lr), (zr, tr))| {
             let lse = softmax_row(zr, s, pr);
-            let mut acc = T::ZERO;
-            for (&z, &t) in zr.iter().zip(tr) {
-                acc += (keep * t + spread) * (s * z - lse);
-            }
-            *lr = -acc;
+            *lr = -lane_sum(zr, tr, |z, t| (keep * t + spread) * (s * z - lse));
         });
     let total: T = row_loss.iter().copied().sum();
     Ok((total / T::c(b as f64), CrossEntropyCtx { probs, params }))
@@ -156,7 +152,7 @@ pub fn cross_entropy_backward<T: Float>(
         )
         .with_min_len(rows_per_task(k))
         .for_each(|(dr, (pr, tr))| {
-            let mass = keep * tr.iter().copied().sum::<T>() + spread * T::c(k as f64);
+            let mass = keep * lane_sum(tr, tr, |t, _| t) + spread * T::c(k as f64);
             let pm = scale * mass;
             for ((d, &p), &t) in dr.iter_mut().zip(pr).zip(tr) {
                 *d = pm * p - scale * (keep * t + spread);
@@ -260,10 +256,10 @@ mod tests {
         for b in 0..2 {
             let row: Vec<f64> = (0..4).map(|k| z.data()[b * 4 + k] / tau).collect();
             let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
-            for k in 0..4 {
+            for (k, &zk) in row.iter().enumerate() {
                 let tp = (1.0 - ls) * t.data()[b * 4 + k] + ls / 4.0;
-                want -= tp * (row[k] - lse);
-                assert!((ctx.probs.data()[b * 4 + k] - (row[k] - lse).exp()).abs() < 1e-14);
+                want -= tp * (zk - lse);
+                assert!((ctx.probs.data()[b * 4 + k] - (zk - lse).exp()).abs() < 1e-14);
             }
         }
         want /= 2.0;
@@ -279,6 +275,14 @@ mod tests {
             let (l, ctx) = cross_entropy_forward(&z, &t, CrossEntropyParams::default()).unwrap();
             assert!(l.is_nan(), "loss {l} for a logit {bad}");
             let dz = cross_entropy_backward(1.0, &t, &ctx).unwrap();
+            assert!(dz.data()[3..].iter().all(|v| v.is_nan()));
+            assert!(dz.data()[..3].iter().all(|v| v.is_finite()));
+            // f32 takes the vectorised exp: it must propagate the same way.
+            let (l, ctx) =
+                cross_entropy_forward(&z.cast::<f32>(), &t.cast(), CrossEntropyParams::default())
+                    .unwrap();
+            assert!(l.is_nan());
+            let dz = cross_entropy_backward(1.0, &t.cast(), &ctx).unwrap();
             assert!(dz.data()[3..].iter().all(|v| v.is_nan()));
             assert!(dz.data()[..3].iter().all(|v| v.is_finite()));
         }

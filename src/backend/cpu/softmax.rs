@@ -5,6 +5,11 @@
 //! so nothing overflows for large logits; NaN/Inf in a row propagate to that row's output.
 //! The row kernels are shared with the cross-entropy loss (`loss.rs`), which runs them on
 //! temperature-scaled logits.
+//!
+//! Speed: in f32 the exponential is a branch-free polynomial compiled for AVX-512 or AVX2 and
+//! chosen at run time (`exp_in_place`), and row reductions keep 16 partial sums; with libm's
+//! scalar `expf` and one running sum, these loops ran 3-6x slower than PyTorch's. f64 (gradient
+//! checks) keeps libm's `exp`.
 
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};

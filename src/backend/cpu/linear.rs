@@ -9,6 +9,7 @@
 //! Bias is fused into the forward GEMM by pre-filling the output rows and accumulating.
 
 use super::matmul::matmul;
+use super::softmax::lane_sum;
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
@@ -229,7 +230,7 @@ pub fn weight_norm_weight<T: Float>(
             .zip(v.data().par_chunks(inp).zip(g.data().par_iter()))
             .with_min_len(16)
             .for_each(|((wr, n), (vr, &gv))| {
-                let ss: T = vr.iter().map(|&a| a * a).sum();
+                let ss = lane_sum(vr, vr, |a, _| a * a);
                 *n = ss.sqrt();
                 let s = gv / *n;
                 for (o, &a) in wr.iter_mut().zip(vr) {
@@ -354,7 +355,7 @@ pub fn weight_norm_linear_backward<T: Float>(
             .zip(ctx.norm.data().par_iter().zip(g.data().par_iter()))
             .with_min_len(16)
             .for_each(|(((dvr, dgo), vr), (&n, &gv))| {
-                let dot: T = dvr.iter().zip(vr).map(|(&a, &b)| a * b).sum();
+                let dot = lane_sum(dvr, vr, |a, b| a * b);
                 let inv = T::one() / n;
                 *dgo = dot * inv;
                 let s = gv * inv;

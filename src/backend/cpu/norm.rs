@@ -1156,7 +1156,7 @@ mod tests {
             relu,
             ..Default::default()
         };
-        let fwd = |xs: &[Tensor<f64>]| {
+        let fwd = |xs: &[Tensor<f64>]| -> Result<(Tensor<f64>, BatchNormCtx<f64>)> {
             let (mut m, mut v) = (rm.clone(), rv.clone());
             let (y, ctx) = batch_norm_forward(&xs[0], &xs[1], &xs[2], &mut m, &mut v, params)?;
             Ok((y, ctx))

@@ -108,3 +108,33 @@ if __name__ == "__main__":
     print(hex(int(u64_stream(0, "x", 3)[0])), hex(int(u64_stream(0, "x", 3)[2])))
     print(randn(0, "x", [4]).tolist())
     print(rand(3, "y", [3], -1.0, 2.0).tolist())
+
+
+def reference_value(seed: int, name: str, shape):
+    """As src/nn/init.rs::reference_value: one tensor of the reference fill, PyTorch layout."""
+    leaf = name.rsplit(".", 1)[-1]
+    shape = list(shape)
+    if leaf == "running_var":
+        return rand(seed, name, shape, 0.5, 1.5)
+    if leaf in ("running_mean", "bias"):
+        return randn(seed, name, shape, 0.1)
+    if leaf == "num_batches_tracked":
+        return np.zeros(shape, dtype=np.float32)
+    if leaf in ("cls_token", "pos_embed"):
+        return randn(seed, name, shape, 0.02)
+    if leaf == "weight_g" or len(shape) == 1:
+        return (randn(seed, name, shape, 0.1) + np.float32(1.0)).astype(np.float32)
+    fan_in = max(1, int(np.prod(shape)) // max(1, shape[0]))
+    return randn(seed, name, shape, 1.0 / np.sqrt(fan_in))
+
+
+def reference_fill(module, seed: int):
+    """Overwrites every parameter and floating buffer of a torch module with the reference fill
+    (src/nn/init.rs::reference_fill), keyed by its state-dict name."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            tensor.copy_(torch.from_numpy(reference_value(seed, name, tensor.shape)))

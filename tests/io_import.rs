@@ -252,7 +252,10 @@ fn strict_load_lists_missing_unexpected_and_mis_shaped() {
     assert!(e.contains("layer9.weight [2, 3]"), "{e}");
     assert!(e.contains("projection_head.0.0.weight [6, 8]"), "{e}");
     assert!(e.contains("prototypes.weight [10, 3]"), "{e}");
-    assert!(e.contains("11 missing") && e.contains("... and 1 more"), "long lists are cut: {e}");
+    assert!(
+        e.contains("11 missing") && e.contains("... and 1 more"),
+        "long lists are cut: {e}"
+    );
     for (a, b) in before.entries().iter().zip(s.entries()) {
         assert_eq!(a.value, b.value, "{} changed by a failed load", a.name);
     }

@@ -8,7 +8,7 @@
 //! stores (no read-for-ownership: see [`emit`]). Inner loops run inside [`simd`], which compiles
 //! them with AVX2+FMA when the CPU has it (the crate targets baseline x86-64, where LLVM would only
 //! use 4-wide SSE2). GELU in f32 evaluates erf and exp with branch-free polynomials that LLVM
-//! vectorises (it is compute-bound: ~45 vector instructions per 8 values); in f64 (gradient
+//! vectorises (it is compute-bound: ~30 vector operations per 8 values); in f64 (gradient
 //! checks) it calls `libm::erf`.
 //!
 //! Layout: any shape; drop path treats dimension 0 as the sample dimension.

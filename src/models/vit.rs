@@ -138,6 +138,9 @@ impl Default for VitConfig {
     }
 }
 
+/// Tokens `[B, 1 + n, dim]`, the patch grid (rows, columns) and the position-embedding resize.
+type Tokens = (Tensor<f32>, (usize, usize), Option<Bicubic>);
+
 /// A ViT backbone whose parameters live in a [`ParamStore`].
 #[derive(Clone, Debug)]
 pub struct Vit {
@@ -269,11 +272,7 @@ impl Vit {
     }
 
     /// Patch embedding, CLS token and position embedding: tokens `[B, 1 + n, dim]`.
-    fn tokens(
-        &self,
-        store: &ParamStore,
-        x: &Tensor<f32>,
-    ) -> Result<(Tensor<f32>, (usize, usize), Option<Bicubic>)> {
+    fn tokens(&self, store: &ParamStore, x: &Tensor<f32>) -> Result<Tokens> {
         let grid = self.input_grid(x)?;
         let (b, d, n) = (x.dim(0), self.cfg.dim, grid.0 * grid.1);
         let patches = conv2d_forward(

@@ -205,7 +205,7 @@ impl Block {
         let (h2, ln2) = self.norm2.forward(store, y1)?;
         let f = linear_apply(store, &self.fc1, &h2)?;
         let g = gelu_forward(&f)?;
-        let mask2 = self.mask(train.as_deref_mut(), batch);
+        let mask2 = self.mask(train, batch);
         let mut y2 = self.drop(linear_apply(store, &self.fc2, &g)?, mask2.as_ref())?;
         add_assign(&mut y2, ln2.input())?;
         Ok((

@@ -13,7 +13,9 @@ use crate::tensor::Tensor;
 use std::collections::HashMap;
 
 pub mod init;
+pub mod layernorm;
 pub mod linear;
+pub mod vit_block;
 
 /// Index of an entry in a [`ParamStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

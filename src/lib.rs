@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod models;
 pub mod nn;
 pub mod rng;
 pub mod tensor;

@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 
+pub mod batchnorm;
+pub mod conv;
 pub mod init;
 pub mod layernorm;
 pub mod linear;

@@ -52,7 +52,7 @@ def criterion_median(family, case):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--families", default="conv,norm,linear,attention")
+    ap.add_argument("--families", default="conv,norm,linear,attention,model_resnet,model_vit")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch

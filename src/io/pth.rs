@@ -1222,7 +1222,7 @@ fn val_kind(v: &Val) -> &'static str {
 }
 
 fn pairs(items: Vec<Val>) -> PResult<Vec<(Val, Val)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("odd number of items for a dict".into());
     }
     let mut out = Vec::with_capacity(items.len() / 2);

@@ -107,7 +107,7 @@ impl VitConfig {
         if self.patch == 0 || self.dim == 0 || self.heads == 0 || self.in_chans == 0 {
             return bad(format!("sizes must be positive: {self:?}"));
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return bad(format!(
                 "dim {} not divisible by heads {}",
                 self.dim, self.heads

@@ -53,14 +53,14 @@ fn dims<T: Float>(op: &'static str, qkv: &Tensor<T>, heads: usize) -> Result<Dim
     if heads == 0 {
         return Err(Error::invalid(op, "heads must be at least 1"));
     }
-    if s[2] % 3 != 0 {
+    if !s[2].is_multiple_of(3) {
         return Err(Error::shape(
             op,
             format!("qkv has shape {s:?}: its last dimension must be 3·C"),
         ));
     }
     let c = s[2] / 3;
-    if c % heads != 0 {
+    if !c.is_multiple_of(heads) {
         return Err(Error::shape(
             op,
             format!("qkv has shape {s:?}: C = {c} is not divisible by {heads} heads"),

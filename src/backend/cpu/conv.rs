@@ -241,7 +241,7 @@ fn col2im_rows<T: Float>(dcols: &[T], g: &Geom, r0: usize, r1: usize, dx: &mut [
             let (n, iy) = (q / g.h, q % g.h);
             for ky in 0..g.kh {
                 let t = (iy + g.p) as isize - ky as isize;
-                if t < 0 || t as usize % g.s != 0 {
+                if t < 0 || !(t as usize).is_multiple_of(g.s) {
                     continue;
                 }
                 let oy = t as usize / g.s;

@@ -107,8 +107,8 @@ pub(crate) fn emit<T: Float>(
         && T::DTYPE == DType::F32
         && tile > 0
         && tile <= TILE
-        && tile % 4 == 0
-        && (out.as_ptr() as usize) % 16 == 0
+        && tile.is_multiple_of(4)
+        && (out.as_ptr() as usize).is_multiple_of(16)
     {
         // Cache-line aligned: unaligned vector stores into the tile would straddle lines.
         #[repr(align(64))]

@@ -1,7 +1,10 @@
 //! The `sdengine` command line. Parsing and printing only: every command calls into the library.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use sdengine::io::convert::{export_weights, import_checkpoint, Source};
+use sdengine::io::export::Arch;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Semi-supervised training engine for Suave (SwAV + labels, ResNet-50) and Daino
@@ -12,7 +15,11 @@ use std::time::Duration;
   sdengine info                          what this machine offers the engine
   sdengine bench                         time a ResNet-50 (Suave) and a ViT-S/16 (Daino) training step
   sdengine bench --filter model_vit      only the ViT-S/16 step
-  sdengine bench --json steps.json       also write the timings as JSON")]
+  sdengine bench --json steps.json       also write the timings as JSON
+  sdengine import --from swav --checkpoint swav_800ep_pretrain.pth.tar --output suave_init.safetensors
+  sdengine import --from dino --checkpoint dino_deitsmall16_pretrain_full_checkpoint.pth --output daino_init.safetensors
+  sdengine export --format torchvision --weights suave_init.safetensors --output resnet50.safetensors
+  sdengine export --format timm --weights daino_init.safetensors --output vit_small.safetensors")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +29,45 @@ struct Cli {
 enum Command {
     /// Print the engine version, the CPU's vector extensions and the thread count.
     Info,
+    /// Convert an official PyTorch checkpoint (SwAV or DINO) into engine weights, without
+    /// Python, applying the official init rules (prototypes dropped; projection head dropped
+    /// unless --keep-head).
+    Import {
+        /// Which official checkpoint: swav (ResNet-50, for Suave) or dino (ViT-S/16, for Daino).
+        #[arg(long, value_enum)]
+        from: ImportFrom,
+        /// The .pth / .pth.tar file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Engine weights to write (.safetensors).
+        #[arg(long)]
+        output: PathBuf,
+        /// Keep the projection head (the official `--init_proj true`).
+        #[arg(long)]
+        keep_head: bool,
+        /// Number of classes (= prototypes) of the model the weights are for.
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        /// Overwrite --output if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the backbone of engine weights as a file that torchvision's resnet50() or timm's
+    /// vit_small_patch16_224 loads with strict=True (via safetensors.torch.load_file).
+    Export {
+        /// torchvision (ResNet-50) or timm (ViT-S/16).
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Engine weights (.safetensors, e.g. the output of `sdengine import`).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Backbone file to write (.safetensors).
+        #[arg(long)]
+        output: PathBuf,
+        /// Overwrite --output if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Time whole training steps (forward + backward, batch 8, 224 px) of ResNet-50 with the
     /// Suave heads and ViT-S/16 with the Daino head, on the CPU.
     #[command(
@@ -37,11 +83,23 @@ enum Command {
         min_time: f64,
         /// Also write the timings to this JSON file.
         #[arg(long)]
-        json: Option<std::path::PathBuf>,
+        json: Option<PathBuf>,
         /// List the case ids and exit.
         #[arg(long)]
         list: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ImportFrom {
+    Swav,
+    Dino,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Torchvision,
+    Timm,
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +118,20 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => info(),
+        Command::Import {
+            from,
+            checkpoint,
+            output,
+            keep_head,
+            classes,
+            force,
+        } => import(from, &checkpoint, &output, keep_head, classes, force),
+        Command::Export {
+            format,
+            weights,
+            output,
+            force,
+        } => export(format, &weights, &output, force),
         Command::Bench {
             filter,
             min_time,
@@ -67,6 +139,62 @@ fn run(cli: Cli) -> Result<()> {
             list,
         } => bench(filter.as_deref(), min_time, json.as_deref(), list),
     }
+}
+
+/// Refuses to replace an existing file unless `--force`: a converted checkpoint may be the only
+/// copy of a result.
+fn check_output(output: &Path, force: bool) -> Result<()> {
+    if output.exists() && !force {
+        bail!("{} exists; pass --force to overwrite it", output.display());
+    }
+    Ok(())
+}
+
+fn import(
+    from: ImportFrom,
+    checkpoint: &Path,
+    output: &Path,
+    keep_head: bool,
+    classes: usize,
+    force: bool,
+) -> Result<()> {
+    if classes == 0 {
+        bail!("--classes must be at least 1");
+    }
+    check_output(output, force)?;
+    let source = match from {
+        ImportFrom::Swav => Source::Swav,
+        ImportFrom::Dino => Source::Dino,
+    };
+    let report = import_checkpoint(source, checkpoint, output, keep_head, classes)
+        .with_context(|| format!("importing {}", checkpoint.display()))?;
+    println!(
+        "loaded {} tensors from {}; {} kept their fresh init{}",
+        report.loaded.len(),
+        checkpoint.display(),
+        report.missing.len(),
+        if report.missing.is_empty() { "" } else { ":" }
+    );
+    for (name, shape) in report.missing.iter().take(12) {
+        println!("    {name} {shape:?}");
+    }
+    if report.missing.len() > 12 {
+        println!("    ... and {} more", report.missing.len() - 12);
+    }
+    println!("wrote {}", output.display());
+    Ok(())
+}
+
+fn export(format: ExportFormat, weights: &Path, output: &Path, force: bool) -> Result<()> {
+    check_output(output, force)?;
+    let arch = match format {
+        ExportFormat::Torchvision => Arch::ResNet50,
+        ExportFormat::Timm => Arch::VitSmallPatch16,
+    };
+    let n = export_weights(arch, weights, output)
+        .with_context(|| format!("exporting {}", weights.display()))?;
+    println!("wrote {n} tensors to {}", output.display());
+    Ok(())
 }
 
 fn info() -> Result<()> {
@@ -86,12 +214,7 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-fn bench(
-    filter: Option<&str>,
-    min_time: f64,
-    json: Option<&std::path::Path>,
-    list: bool,
-) -> Result<()> {
+fn bench(filter: Option<&str>, min_time: f64, json: Option<&Path>, list: bool) -> Result<()> {
     if !(min_time.is_finite() && min_time > 0.0) {
         bail!("--min-time must be a positive number of seconds, got {min_time}");
     }

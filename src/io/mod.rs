@@ -14,6 +14,7 @@
 //! - [`export`]: backbone files that torchvision's `resnet50()` and timm's
 //!   `vit_small_patch16_224` load with `strict=True`.
 
+pub mod convert;
 pub mod export;
 pub mod import;
 pub mod pth;

@@ -21,6 +21,7 @@
 //! (`exp_f32`): libm's scalar `expf` cost more than both forward products together.
 
 use super::matmul::matmul;
+use super::softmax::exp_in_place;
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
@@ -172,49 +173,13 @@ fn max<T: Float>(a: &[T]) -> T {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// e^x for f32 in a form the compiler vectorises (no calls, no branches): Cody–Waite reduction
-/// x = n·ln2 + r with n rounded by the 1.5·2²³ trick, Cephes' degree-6 polynomial for e^r, and
-/// 2ⁿ built in the exponent bits. Relative error about 1 ulp for −87.3 ≤ x ≤ 88.3 (the softmax
-/// only passes x ≤ 0); below −87.3 it gives 0, above 88.3 it saturates at e^88.3.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(-87.3, 88.3);
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let er = p * r * r + r + 1.0;
-    // t's low mantissa bits hold n + 2²²; 2ⁿ has exponent field n + 127.
-    let e = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let two_n = f32::from_bits((e.wrapping_add(127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        er * two_n
-    }
-}
-
-/// `x ← e^(x − shift)` over a slice: the vectorisable [`exp_f32`] for f32, `Float::exp` (libm)
-/// otherwise (f64, used by the gradient checks).
+/// `x ← e^(x − shift)` over a slice, through the softmax family's vectorised f32 exponential
+/// (libm for f64, used by the gradient checks).
 fn exp_shifted<T: Float>(xs: &mut [T], shift: T) {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (same TypeId), so the slice is a [f32] of the same length.
-        let xs = unsafe { &mut *(xs as *mut [T] as *mut [f32]) };
-        let shift = shift.as_f64() as f32;
-        for x in xs.iter_mut() {
-            *x = exp_f32(*x - shift);
-        }
-    } else {
-        for x in xs.iter_mut() {
-            *x = (*x - shift).exp();
-        }
+    for x in xs.iter_mut() {
+        *x -= shift;
     }
+    exp_in_place(xs);
 }
 
 /// In-place softmax of each row of length `n`: max-subtracted exponentials over their sum, as
@@ -410,22 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -88.0 + 176.3 * i as f64 / 200_000.0;
-            let got = exp_f32(x as f32) as f64;
-            let want = (x as f32 as f64).exp();
-            if x > -87.0 {
-                worst = worst.max((got - want).abs() / want);
-            }
-        }
-        assert!(worst < 3e-7, "relative error {worst:e}");
-        assert_eq!(exp_f32(-100.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(1000.0).is_finite());
-        assert!(exp_f32(f32::NAN).is_nan());
+    fn row_reductions_match_plain_sums() {
         let v: Vec<f64> = (0..19).map(|i| i as f64 - 3.5).collect();
         assert_eq!(sum(&v), v.iter().sum::<f64>());
         assert_eq!(max(&v), 14.5);

@@ -4,7 +4,9 @@
 //! Layout NHWC `[N, H, W, C]`: a pixel's channels are contiguous, so every inner loop runs over
 //! `C` (vectorisable) and a window is visited pixel by pixel. Max-pool follows PyTorch: padded
 //! positions never win (they are −∞), floor mode, NaN propagates, ties go to the first maximum in
-//! window order (row-major), whose index is saved for the backward's scatter-add.
+//! window order (row-major), whose index is saved for the backward's scatter-add. The max-pool's
+//! channel loop is branch-free and compiled for AVX-512 / AVX2 at run time (see `simd`): it is the
+//! one compute-bound loop here.
 
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
@@ -38,7 +40,7 @@ pub struct MaxPool2dSaved {
 ///
 /// Parallel over output rows; for each output pixel the window's pixels are visited in row-major
 /// order and compared channel-wise against the running maximum (`>`, so the first maximum wins;
-/// NaN replaces it, as in PyTorch).
+/// NaN replaces it, as in PyTorch), with vector selects rather than branches.
 pub fn max_pool2d_forward<T: Float>(
     x: &Tensor<T>,
     p: MaxPool2dParams,

@@ -398,6 +398,15 @@ mod tests {
                 padding: 1,
             },
         ),
+        // 16-channel register blocks plus a tail.
+        (
+            [2, 7, 6, 19],
+            MaxPool2dParams {
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+            },
+        ),
     ];
 
     #[test]

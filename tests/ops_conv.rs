@@ -74,6 +74,7 @@ fn max_pool_matches_pytorch() {
     for (name, xs, kernel, stride, padding) in [
         ("maxpool_3s2p1", [2, 11, 11, 4], 3, 2, 1),
         ("maxpool_2s2p0", [2, 9, 8, 3], 2, 2, 0),
+        ("maxpool_c20", [2, 9, 9, 20], 3, 2, 1),
     ] {
         let p = MaxPool2dParams {
             kernel,

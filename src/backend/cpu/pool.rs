@@ -4,7 +4,9 @@
 //! Layout NHWC `[N, H, W, C]`: a pixel's channels are contiguous, so every inner loop runs over
 //! `C` (vectorisable) and a window is visited pixel by pixel. Max-pool follows PyTorch: padded
 //! positions never win (they are −∞), floor mode, NaN propagates, ties go to the first maximum in
-//! window order (row-major), whose index is saved for the backward's scatter-add.
+//! window order (row-major), whose index is saved for the backward's scatter-add. The max-pool's
+//! channel loop is branch-free and compiled for AVX-512 / AVX2 at run time (see `simd`): it is the
+//! one compute-bound loop here.
 
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
@@ -38,7 +40,7 @@ pub struct MaxPool2dSaved {
 ///
 /// Parallel over output rows; for each output pixel the window's pixels are visited in row-major
 /// order and compared channel-wise against the running maximum (`>`, so the first maximum wins;
-/// NaN replaces it, as in PyTorch).
+/// NaN replaces it, as in PyTorch), with vector selects rather than branches.
 pub fn max_pool2d_forward<T: Float>(
     x: &Tensor<T>,
     p: MaxPool2dParams,
@@ -130,6 +132,9 @@ struct PoolRow<'a, T> {
     a_row: &'a mut [u32],
 }
 
+/// Channels per register-resident block of the max-pool (one AVX-512 register of f32).
+const LANES: usize = 16;
+
 /// Clipped window `[lo, hi)` of output position `o` along an axis of `size` pixels.
 #[inline(always)]
 fn window(p: &MaxPool2dParams, o: usize, size: usize) -> (usize, usize) {
@@ -159,12 +164,30 @@ impl<T: Float> simd::Kernel for PoolRow<'_, T> {
             .enumerate()
         {
             let (x_lo, x_hi) = window(&p, ox, w);
+            let first = (y_lo * w + x_lo) as u32;
+            // Blocks of LANES channels whose running maximum stays in registers for the whole
+            // window; the remaining channels go through the same update from memory.
+            let blocks = c / LANES * LANES;
+            for cb in (0..blocks).step_by(LANES) {
+                let mut b = [T::neg_infinity(); LANES];
+                let mut a = [first; LANES];
+                for iy in y_lo..y_hi {
+                    for ix in x_lo..x_hi {
+                        let pos = iy * w + ix;
+                        let px = &img[pos * c + cb..pos * c + cb + LANES];
+                        max_update(&mut b, &mut a, px, pos as u32);
+                    }
+                }
+                best[cb..cb + LANES].copy_from_slice(&b);
+                arg[cb..cb + LANES].copy_from_slice(&a);
+            }
+            let (best, arg) = (&mut best[blocks..], &mut arg[blocks..]);
             best.fill(T::neg_infinity());
-            arg.fill((y_lo * w + x_lo) as u32);
+            arg.fill(first);
             for iy in y_lo..y_hi {
                 for ix in x_lo..x_hi {
                     let pos = iy * w + ix;
-                    max_update(best, arg, &img[pos * c..(pos + 1) * c], pos as u32);
+                    max_update(best, arg, &img[pos * c + blocks..(pos + 1) * c], pos as u32);
                 }
             }
         }
@@ -372,6 +395,15 @@ mod tests {
             MaxPool2dParams {
                 kernel: 3,
                 stride: 1,
+                padding: 1,
+            },
+        ),
+        // 16-channel register blocks plus a tail.
+        (
+            [2, 7, 6, 19],
+            MaxPool2dParams {
+                kernel: 3,
+                stride: 2,
                 padding: 1,
             },
         ),

@@ -18,13 +18,10 @@ pub enum Error {
         found: String,
         expected: String,
     },
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. (The I/O error is part of the message, not a
+    /// separate `source`, so that error chains print it once.)
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     /// A tensor file (safetensors) is malformed, truncated or lacks an entry.
     #[error("{path}: {detail}")]
     Format { path: String, detail: String },

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sdengine::io::convert::{export_weights, import_checkpoint, Source};
+use sdengine::io::convert::{export_weights, import_checkpoint, ExportClassifier, Source};
 use sdengine::io::export::Arch;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,6 +58,13 @@ enum Command {
         /// torchvision (ResNet-50) or timm (ViT-S/16).
         #[arg(long, value_enum)]
         format: ExportFormat,
+        /// Classes of the classifier written with the backbone (Suave's online linear head when
+        /// its size matches, zeros otherwise), so that strict=True loading works.
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        /// Write the backbone only (for num_classes=0 models or strict=False loading).
+        #[arg(long, conflicts_with = "classes")]
+        no_classifier: bool,
         /// Engine weights (.safetensors, e.g. the output of `sdengine import`).
         #[arg(long)]
         weights: PathBuf,
@@ -128,10 +135,21 @@ fn run(cli: Cli) -> Result<()> {
         } => import(from, &checkpoint, &output, keep_head, classes, force),
         Command::Export {
             format,
+            classes,
+            no_classifier,
             weights,
             output,
             force,
-        } => export(format, &weights, &output, force),
+        } => {
+            let classifier = if no_classifier {
+                ExportClassifier::Omit
+            } else if classes == 0 {
+                bail!("--classes must be at least 1 (or pass --no-classifier)");
+            } else {
+                ExportClassifier::Include { classes }
+            };
+            export(format, classifier, &weights, &output, force)
+        }
         Command::Bench {
             filter,
             min_time,
@@ -185,13 +203,19 @@ fn import(
     Ok(())
 }
 
-fn export(format: ExportFormat, weights: &Path, output: &Path, force: bool) -> Result<()> {
+fn export(
+    format: ExportFormat,
+    classifier: ExportClassifier,
+    weights: &Path,
+    output: &Path,
+    force: bool,
+) -> Result<()> {
     check_output(output, force)?;
     let arch = match format {
         ExportFormat::Torchvision => Arch::ResNet50,
         ExportFormat::Timm => Arch::VitSmallPatch16,
     };
-    let n = export_weights(arch, weights, output)
+    let n = export_weights(arch, weights, output, classifier)
         .with_context(|| format!("exporting {}", weights.display()))?;
     println!("wrote {n} tensors to {}", output.display());
     Ok(())

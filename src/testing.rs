@@ -61,7 +61,7 @@ impl Fixtures {
         let p = path.display().to_string();
         let bytes = std::fs::read(&path).map_err(|e| Error::Io {
             path: p.clone(),
-            source: e,
+            err: e,
         })?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
             path: p.clone(),

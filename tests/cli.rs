@@ -85,13 +85,12 @@ fn export_torchvision_writes_resnet50_keys_and_values() {
         out.to_str().unwrap(),
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    // torchvision's resnet50 keys without the classifier (fc), every shape as PyTorch prints it
-    let want: Vec<_> = torch_keys("resnet50")
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("fc."))
-        .collect();
-    assert_eq!(sorted(keys_of(&out)), sorted(want));
+    // exactly torchvision's resnet50 keys and shapes, as PyTorch prints them (strict=True loads),
+    // with Suave's online linear head on the backbone features as `fc`
+    assert_eq!(sorted(keys_of(&out)), sorted(torch_keys("resnet50")));
     let (t, _) = read_tensors(&out).unwrap();
+    let online = store.value(store.id("cls_heads.0.weight").unwrap());
+    assert_eq!(&t["fc.weight"], online);
     let conv1 = store.value(store.id("conv1.weight").unwrap());
     assert_eq!(
         t["conv1.weight"],
@@ -140,6 +139,7 @@ fn export_timm_strips_dinos_backbone_prefix() {
         "export",
         "--format",
         "timm",
+        "--no-classifier",
         "--weights",
         weights.to_str().unwrap(),
         "--output",

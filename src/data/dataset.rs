@@ -41,9 +41,9 @@ fn has_image_extension(name: &str) -> bool {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
+    move |err| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     }
 }
 

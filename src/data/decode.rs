@@ -68,9 +68,9 @@ pub fn decode_bytes(bytes: &[u8], path: &Path) -> DataResult<Image<u8>> {
 
 /// Reads and decodes one file.
 pub fn decode_file(path: &Path) -> DataResult<Image<u8>> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|err| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     decode_bytes(&bytes, path)
 }

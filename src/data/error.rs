@@ -8,13 +8,13 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum DataError {
     /// A file or folder could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file or folder.
         path: PathBuf,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (in the message, not a separate `source`, so that
+        /// error chains print it once).
+        err: std::io::Error,
     },
     /// A file is not a decodable JPEG or PNG (corrupt, truncated, empty, or another format).
     #[error("{path}: cannot decode image: {detail}")]
@@ -79,9 +79,9 @@ pub enum DataError {
 impl From<DataError> for crate::Error {
     fn from(e: DataError) -> Self {
         match e {
-            DataError::Io { path, source } => crate::Error::Io {
+            DataError::Io { path, err } => crate::Error::Io {
                 path: path.display().to_string(),
-                source,
+                err,
             },
             other => crate::Error::Format {
                 path: String::new(),

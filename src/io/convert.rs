@@ -90,12 +90,49 @@ pub fn import_checkpoint(
     Ok(report)
 }
 
+/// The classifier an export writes (`fc` for torchvision, `head` for timm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportClassifier {
+    /// None: the file fits `resnet50(num_classes=...)` with `fc` replaced, or timm's
+    /// `num_classes=0`, or `strict=False`.
+    Omit,
+    /// A `classes`-way classifier so that `strict=True` loading into the default constructors
+    /// works: Suave's online linear head on the backbone features (`cls_heads.0`, trained with
+    /// the labels) when the weights have one of that size, zeros otherwise.
+    Include { classes: usize },
+}
+
 /// Writes the backbone of engine weights `weights` (an import's output, or a training
 /// checkpoint's model file) as a torchvision ResNet-50 or timm ViT-S/16 state dict in
-/// safetensors, without a classifier. ViT weights may carry DINO's `backbone.` prefix or bare
-/// timm names. Returns the number of tensors written.
-pub fn export_weights(arch: Arch, weights: &Path, output: &Path) -> Result<usize> {
+/// safetensors. ViT weights may carry DINO's `backbone.` prefix or bare timm names. Returns the
+/// number of tensors written.
+pub fn export_weights(
+    arch: Arch,
+    weights: &Path,
+    output: &Path,
+    classifier: ExportClassifier,
+) -> Result<usize> {
     let (tensors, _) = read_tensors(weights)?;
+    let classifier = match classifier {
+        ExportClassifier::Omit => Classifier::None,
+        ExportClassifier::Include { classes } => {
+            let f = arch.feature_dim();
+            match (
+                tensors.get("cls_heads.0.weight"),
+                tensors.get("cls_heads.0.bias"),
+            ) {
+                (Some(w), Some(b)) if w.shape() == [classes, f] && b.shape() == [classes] => {
+                    Classifier::Given {
+                        weight: w.clone(),
+                        bias: b.clone(),
+                    }
+                }
+                _ => Classifier::Zeros {
+                    num_classes: classes,
+                },
+            }
+        }
+    };
     let prefix = match arch {
         Arch::ResNet50 => "",
         Arch::VitSmallPatch16 => {
@@ -134,6 +171,6 @@ pub fn export_weights(arch: Arch, weights: &Path, output: &Path) -> Result<usize
     )?;
     let mut meta = BTreeMap::new();
     meta.insert("source".into(), weights.display().to_string());
-    let names = export_backbone(&store, arch, prefix, &Classifier::None, output, &meta)?;
+    let names = export_backbone(&store, arch, prefix, &classifier, output, &meta)?;
     Ok(names.len())
 }

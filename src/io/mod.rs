@@ -39,7 +39,7 @@ pub(crate) fn format_err(path: &Path, detail: impl Into<String>) -> Error {
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
-        source,
+        err: source,
     }
 }
 

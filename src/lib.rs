@@ -13,6 +13,7 @@ pub mod error;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
 pub mod testing;

@@ -12,6 +12,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod io;
+pub mod methods;
 pub mod models;
 pub mod nn;
 pub mod rng;

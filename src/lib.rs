@@ -9,8 +9,10 @@
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod io;
+pub mod methods;
 pub mod models;
 pub mod nn;
 pub mod optim;

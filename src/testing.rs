@@ -119,6 +119,31 @@ impl Fixtures {
     }
 }
 
+/// `[name, PyTorch shape]` of every state-dict entry of torchvision's `resnet50` or timm's
+/// `vit_small_patch16_224`, as PyTorch printed them into `tests/fixtures/io/torch_keys.json`.
+/// Panics when the fixture is missing or malformed (a broken checkout, not a user error).
+pub fn torch_keys(model: &str) -> Vec<(String, Vec<usize>)> {
+    let path = fixtures_dir().join("io/torch_keys.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let list = v[model]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no list for {model}", path.display()));
+    list.iter()
+        .map(|e| {
+            let name = e[0].as_str().expect("name").to_string();
+            let shape = e[1]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dimension") as usize)
+                .collect();
+            (name, shape)
+        })
+        .collect()
+}
+
 /// Options of [`check_gradients`].
 #[derive(Clone, Copy, Debug)]
 pub struct GradCheck {

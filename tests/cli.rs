@@ -8,7 +8,7 @@ use sdengine::models::suave_head::{SuaveHeadConfig, SuaveNet};
 use sdengine::models::vit::VitConfig;
 use sdengine::nn::init::krsc_to_oihw;
 use sdengine::nn::ParamStore;
-use sdengine::testing::fixtures_dir;
+use sdengine::testing::{fixtures_dir, torch_keys};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,27 +26,6 @@ fn tmp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// [name, shape] of every state-dict entry of the torchvision / timm model, printed by PyTorch.
-fn torch_keys(model: &str) -> Vec<(String, Vec<usize>)> {
-    let text = std::fs::read_to_string(fixtures_dir().join("io/torch_keys.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v[model]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let name = e[0].as_str().unwrap().to_string();
-            let shape = e[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (name, shape)
-        })
-        .collect()
 }
 
 fn keys_of(path: &Path) -> Vec<(String, Vec<usize>)> {

@@ -9,30 +9,10 @@
 use sdengine::io::export::{backbone_keys, backbone_tensors, export_backbone, Arch, Classifier};
 use sdengine::io::safetensors::FileTensor;
 use sdengine::nn::ParamStore;
-use sdengine::testing::fixtures_dir;
+use sdengine::testing::torch_keys;
 use sdengine::Tensor;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-fn torch_keys(model: &str) -> Vec<(String, Vec<usize>)> {
-    let text = std::fs::read_to_string(fixtures_dir().join("io/torch_keys.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v[model]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let name = e[0].as_str().unwrap().to_string();
-            let shape = e[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (name, shape)
-        })
-        .collect()
-}
 
 fn with_classifier(arch: Arch) -> Vec<(String, Vec<usize>)> {
     let mut k = backbone_keys(arch);

@@ -21,6 +21,21 @@ fn sdengine(args: &[&str]) -> Output {
         .expect("the sdengine binary runs")
 }
 
+/// `sdengine export --format FORMAT --weights W --output O [extra...]`.
+fn export(format: &str, weights: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "export",
+        "--format",
+        format,
+        "--weights",
+        weights.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sdengine(&args)
+}
+
 fn tmp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sdengine-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -54,15 +69,7 @@ fn export_torchvision_writes_resnet50_keys_and_values() {
     let weights = dir.join("suave.safetensors");
     save_store(&weights, &store, &BTreeMap::new()).unwrap();
     let out = dir.join("resnet50.safetensors");
-    let r = sdengine(&[
-        "export",
-        "--format",
-        "torchvision",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let r = export("torchvision", &weights, &out, &[]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     // exactly torchvision's resnet50 keys and shapes, as PyTorch prints them (strict=True loads),
     // with Suave's online linear head on the backbone features as `fc`
@@ -81,22 +88,13 @@ fn export_torchvision_writes_resnet50_keys_and_values() {
 
     // an existing output is never overwritten without --force
     let before = std::fs::read(&out).unwrap();
-    let args = [
-        "export",
-        "--format",
-        "torchvision",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    let r = sdengine(&args);
+    let r = export("torchvision", &weights, &out, &[]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
     assert_eq!(std::fs::read(&out).unwrap(), before);
-    let mut forced = args.to_vec();
-    forced.push("--force");
-    assert!(sdengine(&forced).status.success());
+    assert!(export("torchvision", &weights, &out, &["--force"])
+        .status
+        .success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -114,16 +112,7 @@ fn export_timm_strips_dinos_backbone_prefix() {
     let weights = dir.join("daino.safetensors");
     save_store(&weights, &store, &BTreeMap::new()).unwrap();
     let out = dir.join("vit.safetensors");
-    let r = sdengine(&[
-        "export",
-        "--format",
-        "timm",
-        "--no-classifier",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let r = export("timm", &weights, &out, &["--no-classifier"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let want: Vec<_> = torch_keys("vit_small_patch16_224")
         .into_iter()
@@ -136,15 +125,7 @@ fn export_timm_strips_dinos_backbone_prefix() {
 
     // a ResNet export of ViT weights lists what is missing instead of writing a file
     let bad = dir.join("bad.safetensors");
-    let r = sdengine(&[
-        "export",
-        "--format",
-        "torchvision",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--output",
-        bad.to_str().unwrap(),
-    ]);
+    let r = export("torchvision", &weights, &bad, &[]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("conv1.weight"), "{err}");

@@ -191,9 +191,9 @@ pub struct TrainConfig {
     pub epsilon: f64,
     /// Sinkhorn iterations.
     pub sinkhorn_iterations: usize,
-    /// Embedding width.
+    /// Embedding width (Suave `feat_dim` 128; Daino's head bottleneck, 256).
     pub feat_dim: usize,
-    /// Projection hidden width.
+    /// Projection hidden width (Suave `hidden_mlp`; Daino's head hidden width; both 2048).
     pub hidden_mlp: usize,
     /// Views that get codes.
     pub crops_for_assign: Vec<usize>,
@@ -317,7 +317,7 @@ impl TrainConfig {
             mixup_lab: true,
             epsilon: 0.05,
             sinkhorn_iterations: 3,
-            feat_dim: 128,
+            feat_dim: if daino { 256 } else { 128 },
             hidden_mlp: 2048,
             crops_for_assign: vec![0, 1],
             queue_length: 3840,

@@ -65,6 +65,8 @@ impl DainoState {
         let head = DinoHeadConfig {
             out_dim: cfg.num_classes,
             norm_last_layer: cfg.norm_last_layer,
+            hidden_dim: cfg.hidden_mlp,
+            bottleneck_dim: cfg.feat_dim,
             ..DinoHeadConfig::daino(vit.dim)
         };
         let mut student_store = ParamStore::new();

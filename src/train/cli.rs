@@ -18,6 +18,11 @@ pub struct TrainArgs {
     /// suave-finetune-10perc, suave-finetune-1perc, daino-train-10perc, daino-train-1perc.
     #[arg(long)]
     pub preset: Option<String>,
+    /// Base settings: `imagenet` (the official defaults: ResNet-50 / ViT-S/16, 224/96-px crops)
+    /// or `cifar` (32-px images: the tiny model of the family, 32/16-px crops, the CPU demo's
+    /// schedule). Default: cifar without --data, imagenet with it.
+    #[arg(long)]
+    pub recipe: Option<String>,
     /// resnet50, resnet-tiny, vit_small or vit-tiny.
     #[arg(long)]
     pub arch: Option<String>,
@@ -186,6 +191,9 @@ pub struct TrainArgs {
     /// Side of the labelled crop.
     #[arg(long)]
     pub lab_crop_size: Option<usize>,
+    /// Scale range of the labelled RandomResizedCrop, e.g. 0.08 1.0.
+    #[arg(long, num_args = 2)]
+    pub lab_crop_scale: Option<Vec<f64>>,
     /// Evaluation resize (shorter side).
     #[arg(long)]
     pub eval_resize: Option<usize>,
@@ -230,7 +238,24 @@ impl TrainArgs {
             _ => Method::Suave,
         };
         let arch = self.arch.as_deref().map(Arch::parse).transpose()?;
-        let mut c = if self.data.is_none() && self.preset.is_none() {
+        let cifar = match self.recipe.as_deref() {
+            Some("cifar") => true,
+            Some("imagenet") => false,
+            Some(r) => {
+                return Err(Error::invalid(
+                    "--recipe",
+                    format!("unknown recipe {r:?}: use imagenet or cifar"),
+                ))
+            }
+            None => self.data.is_none() && self.preset.is_none(),
+        };
+        if cifar && self.preset.is_some() {
+            return Err(Error::invalid(
+                "--recipe",
+                "--recipe cifar and --preset (an official ImageNet script) exclude each other",
+            ));
+        }
+        let mut c = if cifar {
             let vit = match method {
                 Method::Daino => true,
                 Method::Suave => false,
@@ -357,6 +382,9 @@ impl TrainArgs {
         if let Some(v) = &self.global_crops_scale {
             c.global_crops_scale = pair("--global-crops-scale", v)?;
         }
+        if let Some(v) = &self.lab_crop_scale {
+            c.lab_crop_scale = pair("--lab-crop-scale", v)?;
+        }
         if let Some(v) = &self.local_crops_scale {
             c.local_crops_scale = pair("--local-crops-scale", v)?;
         }
@@ -454,6 +482,9 @@ mod tests {
             .to_string();
         assert!(e.contains("smaller than one 4-px patch"), "{e}");
         assert!(parse(&["--method", "swav"]).resolve(false).is_err());
+        let (c, _) = parse(&["--recipe", "cifar", "--data", "/c"]).resolve(false).unwrap();
+        assert_eq!(c.arch, Arch::ResnetTiny);
+        assert!(parse(&["--recipe", "cifar", "--preset", "suave-train-1perc"]).resolve(false).is_err());
         assert!(parse(&["--global-crops-scale", "0.9", "0.1"])
             .resolve(false)
             .is_err());

@@ -251,6 +251,8 @@ pub struct TrainConfig {
     // --- labelled crops, evaluation, output
     /// Side of the labelled crop (224).
     pub lab_crop_size: usize,
+    /// RandomResizedCrop scale range of the labelled crop (torchvision's default (0.08, 1)).
+    pub lab_crop_scale: (f64, f64),
     /// Evaluation: shorter side after Resize.
     pub eval_resize: usize,
     /// Evaluation: centre crop side.
@@ -346,6 +348,7 @@ impl TrainConfig {
             norm_last_layer: false,
             freeze_last_layer: 0,
             lab_crop_size: 224,
+            lab_crop_scale: (0.08, 1.0),
             eval_resize: 256,
             eval_crop: 224,
             eval_batch_size: if daino { 64 } else { 32 },
@@ -400,6 +403,8 @@ impl TrainConfig {
         c.global_crops_scale = (0.3, 1.0);
         c.local_crops_scale = (0.1, 0.3);
         c.lab_crop_size = 32;
+        // A 0.08-area crop of a 32-px image is a 9-px patch: too little to name a class.
+        c.lab_crop_scale = (0.35, 1.0);
         c.eval_resize = 32;
         c.eval_crop = 32;
         c.eval_batch_size = 100;

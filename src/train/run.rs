@@ -114,6 +114,7 @@ pub fn labelled_crops(cfg: &TrainConfig) -> MultiCrop {
     };
     for v in &mut m.views {
         v.size = cfg.lab_crop_size;
+        v.scale = cfg.lab_crop_scale;
     }
     m
 }

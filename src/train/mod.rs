@@ -1,0 +1,3 @@
+//! Training: the trainer loop (the lead's), its progress display and the metrics plot.
+
+pub mod progress;

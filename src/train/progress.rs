@@ -82,32 +82,34 @@ impl Smoothed {
 /// [`Progress::println`] for other messages so that they do not tear the bar.
 pub struct Progress {
     label: String,
-    total: u64,
-    step: u64,
-    images: u64,
+    total: usize,
+    step: usize,
+    images: usize,
     start: Instant,
     /// (time, step, images) of recent updates, oldest first, for the rates.
-    window: VecDeque<(Instant, u64, u64)>,
+    window: VecDeque<(Instant, usize, usize)>,
     metrics: Vec<Smoothed>,
     out: Output,
+    finished: bool,
 }
 
 impl Progress {
     /// A display for `total` steps labelled `label` (e.g. `"epoch 3/100"`, `"eval"`): a bar on a
-    /// terminal, plain lines every [`DEFAULT_PLAIN_INTERVAL`] otherwise.
-    pub fn new(total: u64, label: impl Into<String>) -> Progress {
-        Progress::with_mode(
-            total,
-            label,
+    /// terminal, plain lines every [`DEFAULT_PLAIN_INTERVAL`] otherwise, nothing when `quiet`.
+    pub fn new(total: usize, label: &str, quiet: bool) -> Progress {
+        let mode = if quiet {
+            Mode::Off
+        } else {
             Mode::Auto {
                 interval: DEFAULT_PLAIN_INTERVAL,
-            },
-        )
+            }
+        };
+        Progress::with_mode(total, label, mode)
     }
 
     /// A display with an explicit [`Mode`].
-    pub fn with_mode(total: u64, label: impl Into<String>, mode: Mode) -> Progress {
-        let label = label.into();
+    pub fn with_mode(total: usize, label: &str, mode: Mode) -> Progress {
+        let label = label.to_string();
         let out = match mode {
             Mode::Auto { interval } => {
                 if std::io::stderr().is_terminal() {
@@ -140,13 +142,14 @@ impl Progress {
             window,
             metrics: Vec::new(),
             out,
+            finished: false,
         }
     }
 
     /// Records that `step` steps of `total` are done (absolute, not an increment), that
     /// `images` more images were processed since the previous update, and the step's metrics
     /// (smoothed for display; non-finite values are shown as they are, since a NaN loss is news).
-    pub fn update(&mut self, step: u64, metrics: &[(&str, f64)], images: u64) {
+    pub fn update(&mut self, step: usize, metrics: &[(&str, f64)], images: usize) {
         self.step = step;
         self.images = self.images.saturating_add(images);
         for &(name, v) in metrics {
@@ -178,7 +181,7 @@ impl Progress {
         match &mut self.out {
             Output::Bar(bar) => {
                 bar.set_message(msg);
-                bar.set_position(step.min(self.total));
+                bar.set_position(step.min(self.total) as u64);
             }
             Output::Plain {
                 interval,
@@ -208,7 +211,13 @@ impl Progress {
     /// Ends the display with one summary line, always written (even on a terminal, where it
     /// replaces the bar and stays in the scroll-back as the record of the pass): label, steps,
     /// elapsed time, mean images/s over the whole pass, then `summary` (e.g. `"val_acc1 71.2"`).
-    pub fn finish(mut self, summary: &str) {
+    /// Only the first call has an effect. (A display dropped without `finish`, e.g. when a run is
+    /// interrupted, leaves the bar as it was last drawn.)
+    pub fn finish(&mut self, summary: &str) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
         let line = self.summary_line(summary);
         match &mut self.out {
             Output::Bar(bar) => {
@@ -283,11 +292,11 @@ impl Progress {
     }
 }
 
-fn make_bar(total: u64, label: &str) -> ProgressBar {
+fn make_bar(total: usize, label: &str) -> ProgressBar {
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-    ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+    ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
         .with_style(style)
         .with_prefix(label.to_string())
 }
@@ -340,7 +349,7 @@ pub fn format_value(v: f64) -> String {
     }
 }
 
-fn format_percent(step: u64, total: u64) -> String {
+fn format_percent(step: usize, total: usize) -> String {
     if total == 0 {
         "?%".to_string()
     } else {
@@ -372,7 +381,7 @@ pub fn format_message(
 /// The end-of-pass line: `"epoch 3/100: 500 steps in 3:02 | 812.4 img/s | val_acc1 71.2"`.
 pub fn format_summary(
     label: &str,
-    steps: u64,
+    steps: usize,
     secs: f64,
     img_per_s: Option<f64>,
     summary: &str,
@@ -497,6 +506,7 @@ mod tests {
         p.println("a note");
         p.update(2, &[("loss", 3.0)], 16);
         p.finish("val_acc1 50.0");
+        p.finish("a second finish is ignored");
         let text = buf.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");

@@ -151,6 +151,7 @@ fn extract_into(pack: &[u8], dir: &Path, stem: &str, hash: u64) -> Result<usize>
     let mut zip = zip::ZipArchive::new(Cursor::new(pack))
         .map_err(|e| format_err(&what, format!("not a readable zip archive: {e}")))?;
     let mut files = 0usize;
+    let mut made: Option<PathBuf> = None;
     for i in 0..zip.len() {
         let mut entry = zip
             .by_index(i)
@@ -168,7 +169,11 @@ fn extract_into(pack: &[u8], dir: &Path, stem: &str, hash: u64) -> Result<usize>
             continue;
         }
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+            // Entries come grouped by folder: create each folder once, not once per file.
+            if made.as_deref() != Some(parent) {
+                std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+                made = Some(parent.to_path_buf());
+            }
         }
         // create_new: a duplicate entry name is an error, not a silent overwrite.
         let mut out = std::fs::File::create_new(&path).map_err(|e| io_err(&path, e))?;

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod daino;
 pub mod metrics;
+pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod suave;

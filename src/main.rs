@@ -23,6 +23,7 @@ use std::time::Duration;
   sdengine finetune --preset suave-finetune-10perc --data /imagenet --init runs/suave-train-10perc/final.safetensors
   sdengine train --resume --output runs/suave   continue a stopped run exactly where it stopped
   sdengine eval --run runs/suave         top-1/top-5 of a run's checkpoint on its validation set
+  sdengine plot runs/suave runs/suave/baseline-supervised --output cmp.png   curves of runs, overlaid
   sdengine info                          what this machine offers the engine
   sdengine bench                         time a ResNet-50 (Suave) and a ViT-S/16 (Daino) training step
   sdengine bench --filter model_vit      only the ViT-S/16 step
@@ -57,6 +58,27 @@ enum Command {
         /// Evaluate on this data folder instead of the run's.
         #[arg(long)]
         data: Option<PathBuf>,
+    },
+    /// Draw runs' metrics.jsonl as a PNG: losses and val_* metrics against epoch, runs overlaid.
+    Plot {
+        /// Run folders (each holds metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The PNG to write (default: curves.png in the first run folder).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Image width in pixels.
+        #[arg(long, default_value_t = 1200)]
+        width: u32,
+        /// Image height in pixels.
+        #[arg(long, default_value_t = 900)]
+        height: u32,
+        /// Title above the panels.
+        #[arg(long)]
+        title: Option<String>,
+        /// Leave the legend out.
+        #[arg(long)]
+        no_legend: bool,
     },
     /// Print the engine version, the CPU's vector extensions and the thread count.
     Info,
@@ -163,6 +185,26 @@ fn run(cli: Cli) -> Result<()> {
             for (k, v) in m {
                 println!("{k:<24} {v:.3}");
             }
+            Ok(())
+        }
+        Command::Plot {
+            runs,
+            output,
+            width,
+            height,
+            title,
+            no_legend,
+        } => {
+            let output = output.unwrap_or_else(|| runs[0].join("curves.png"));
+            let opts = sdengine::train::plot::PlotOptions {
+                width,
+                height,
+                title,
+                legend: !no_legend,
+            };
+            sdengine::train::plot::plot_runs(&runs, &output, &opts)
+                .with_context(|| format!("plotting into {}", output.display()))?;
+            println!("wrote {}", output.display());
             Ok(())
         }
         Command::Info => info(),

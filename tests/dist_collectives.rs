@@ -137,6 +137,7 @@ fn tcp_matches_local_group_bit_for_bit() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // i indexes three ranks' vectors in parallel
 fn results_are_the_documented_reductions() {
     let l = local(3);
     let v: Vec<Vec<f32>> = (0..3).map(|r| values(r, 257)).collect();
@@ -149,9 +150,15 @@ fn results_are_the_documented_reductions() {
             .fold(0.0, |a, b| a + b);
         assert_eq!(l[2].sum16[i], bf16::from_f64(hsum).to_bits());
     }
-    assert_eq!(l[0].bcast32, v[2].iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        l[0].bcast32,
+        v[2].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
     assert_eq!(l[2].bytes, vec![1u8; 5]);
-    let want: Vec<u32> = (0..3).flat_map(|r| v[r][..3].to_vec()).map(|x| x.to_bits()).collect();
+    let want: Vec<u32> = (0..3)
+        .flat_map(|r| v[r][..3].to_vec())
+        .map(|x| x.to_bits())
+        .collect();
     assert_eq!(l[0].gather32, want);
 }
 

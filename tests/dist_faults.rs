@@ -46,7 +46,10 @@ fn port_in_use_is_named() {
         .err()
         .expect("rank 0 must not listen on a port in use")
         .to_string();
-    assert!(e.contains("already in use") && e.contains("MASTER_PORT"), "{e}");
+    assert!(
+        e.contains("already in use") && e.contains("MASTER_PORT"),
+        "{e}"
+    );
     // A peer that reaches the other program (which never answers) gives up within its timeout.
     let e = TcpGroup::new(1, 2, "127.0.0.1", port, &cfg(500, 500))
         .err()
@@ -60,24 +63,53 @@ fn rendezvous_timeouts_name_the_missing_ranks() {
     // Rank 0 of 3 with only rank 2 present.
     let port = free_port();
     let out: Vec<String> = std::thread::scope(|s| {
-        let a = s.spawn(|| TcpGroup::new(0, 3, "127.0.0.1", port, &cfg(800, 800)).err());
-        let b = s.spawn(|| TcpGroup::new(2, 3, "127.0.0.1", port, &cfg(3000, 3000)).err());
-        [a, b].map(|h| h.join().unwrap().expect("the rendezvous must fail").to_string()).to_vec()
+        let a = s.spawn(|| TcpGroup::new(0, 3, "127.0.0.1", port, &cfg(2000, 2000)).err());
+        let b = s.spawn(|| TcpGroup::new(2, 3, "127.0.0.1", port, &cfg(8000, 8000)).err());
+        [a, b]
+            .map(|h| {
+                h.join()
+                    .unwrap()
+                    .expect("the rendezvous must fail")
+                    .to_string()
+            })
+            .to_vec()
     });
-    assert!(out[0].contains("rendezvous timed out") && out[0].contains("missing rank(s) 1"), "{}", out[0]);
-    assert!(out[1].contains("rank 2") && out[1].contains("rendezvous timed out"), "{}", out[1]);
+    assert!(
+        out[0].contains("rendezvous timed out") && out[0].contains("missing rank(s) 1"),
+        "{}",
+        out[0]
+    );
+    assert!(
+        out[1].contains("rank 2") && out[1].contains("rendezvous timed out"),
+        "{}",
+        out[1]
+    );
     // A peer with no rank 0 at all.
-    let e = TcpGroup::new(1, 2, "127.0.0.1", free_port(), &cfg(300, 300)).err().unwrap().to_string();
-    assert!(e.contains("could not reach rank 0") && e.contains("MASTER_PORT"), "{e}");
+    let e = TcpGroup::new(1, 2, "127.0.0.1", free_port(), &cfg(300, 300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("could not reach rank 0") && e.contains("MASTER_PORT"),
+        "{e}"
+    );
 }
 
 #[test]
 fn world_size_mismatch_is_caught_at_the_handshake() {
-    let out = run(&[2, 3], cfg(5000, 5000), |_, g| g.err().map(|e| e.to_string()));
+    let out = run(&[2, 3], cfg(5000, 5000), |_, g| {
+        g.err().map(|e| e.to_string())
+    });
     let e0 = out[0].as_deref().expect("rank 0 must refuse");
     let e1 = out[1].as_deref().expect("rank 1 must be refused");
-    assert!(e0.contains("WORLD_SIZE=3") && e0.contains("WORLD_SIZE=2"), "{e0}");
-    assert!(e1.contains("rejected") && e1.contains("WORLD_SIZE=3"), "{e1}");
+    assert!(
+        e0.contains("WORLD_SIZE=3") && e0.contains("WORLD_SIZE=2"),
+        "{e0}"
+    );
+    assert!(
+        e1.contains("rejected") && e1.contains("WORLD_SIZE=3"),
+        "{e1}"
+    );
 }
 
 #[test]
@@ -119,8 +151,14 @@ fn a_peer_that_leaves_fails_every_rank() {
     let (e1, l1) = out[1].clone().unwrap();
     let e0 = e0.expect("rank 0 must fail");
     let e1 = e1.expect("rank 1 must fail");
-    assert!(e0.contains("rank 2") && e0.contains("connection closed"), "{e0}");
-    assert!(e1.contains("rank 1") && (e1.contains("rank 2") || e1.contains("connection closed")), "{e1}");
+    assert!(
+        e0.contains("rank 2") && e0.contains("connection closed"),
+        "{e0}"
+    );
+    assert!(
+        e1.contains("rank 1") && (e1.contains("rank 2") || e1.contains("connection closed")),
+        "{e1}"
+    );
     // The group stays broken.
     assert!(l0.unwrap().contains("broken"));
     assert!(l1.unwrap().contains("broken"));
@@ -136,7 +174,10 @@ fn rank_zero_that_leaves_fails_the_peers() {
         Some(g.all_reduce_sum_f64(&mut [1.0]).unwrap_err().to_string())
     });
     let e = out[1].clone().unwrap();
-    assert!(e.contains("rank 1") && e.contains("rank 0") && e.contains("connection closed"), "{e}");
+    assert!(
+        e.contains("rank 1") && e.contains("rank 0") && e.contains("connection closed"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -165,6 +206,9 @@ fn mismatched_calls_are_reported_on_every_rank() {
         g.all_reduce_sum_f32(&mut v).unwrap_err().to_string()
     });
     for e in out {
-        assert!(e.contains("collective mismatch") && e.contains("4 f32") && e.contains("5 f32"), "{e}");
+        assert!(
+            e.contains("collective mismatch") && e.contains("4 f32") && e.contains("5 f32"),
+            "{e}"
+        );
     }
 }

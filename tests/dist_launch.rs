@@ -41,8 +41,13 @@ fn args(nproc: usize, nnodes: usize, node_rank: usize, script: &str) -> LaunchAr
 
 fn sh(a: &LaunchArgs) -> (i32, String, String) {
     let (out, err) = (Buf::default(), Buf::default());
-    let code = launch_with(a, Path::new("/bin/sh"), Box::new(out.clone()), Box::new(err.clone()))
-        .unwrap();
+    let code = launch_with(
+        a,
+        Path::new("/bin/sh"),
+        Box::new(out.clone()),
+        Box::new(err.clone()),
+    )
+    .unwrap();
     (code, out.text(), err.text())
 }
 
@@ -57,12 +62,13 @@ fn children_get_torchrun_variables_and_prefixed_output() {
     let (code, out, err) = sh(&a);
     assert_eq!(code, 0, "{err}");
     for (rank, local) in [(2, 0), (3, 1)] {
-        let line = format!(
-            "[rank {rank}] R={rank} L={local} W=4 LW=2 G=1 A=10.1.2.3 P=29511\n"
-        );
+        let line = format!("[rank {rank}] R={rank} L={local} W=4 LW=2 G=1 A=10.1.2.3 P=29511\n");
         assert!(out.contains(&line), "missing {line:?} in {out:?}");
         // A carriage return ends a segment (progress bars), each segment prefixed.
-        assert!(out.contains(&format!("[rank {rank}] a\r[rank {rank}] b\n")), "{out:?}");
+        assert!(
+            out.contains(&format!("[rank {rank}] a\r[rank {rank}] b\n")),
+            "{out:?}"
+        );
         assert!(err.contains(&format!("[rank {rank}] oops\n")), "{err:?}");
     }
     assert!(!out.contains("[rank 0]") && !out.contains("[rank 1]"));
@@ -82,7 +88,10 @@ for i in $(seq 300); do sleep 0.1; done; touch '{}'"#,
     assert_eq!(code, 3);
     assert!(err.contains("[rank 1] bad input: /data/x.jpg"), "{err}");
     assert!(err.contains("rank 1 failed with exit code 3"), "{err}");
-    assert!(err.trim_end().ends_with("bad input: /data/x.jpg"), "the cause comes last: {err}");
+    assert!(
+        err.trim_end().ends_with("bad input: /data/x.jpg"),
+        "the cause comes last: {err}"
+    );
     // Rank 0's shell was killed and reaped before launch returned, so it can no longer write.
     assert!(!marker.exists());
 }
@@ -96,10 +105,23 @@ fn a_rank_killed_by_a_signal_reports_128_plus_signal() {
 #[test]
 fn bad_launch_arguments_are_errors() {
     let mut a = args(1, 2, 2, "true");
-    let e = launch_with(&a, Path::new("/bin/sh"), Box::new(Buf::default()), Box::new(Buf::default()));
-    assert!(e.unwrap_err().to_string().contains("--node-rank 2 is not below --nnodes 2"));
+    let e = launch_with(
+        &a,
+        Path::new("/bin/sh"),
+        Box::new(Buf::default()),
+        Box::new(Buf::default()),
+    );
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("--node-rank 2 is not below --nnodes 2"));
     a.node_rank = 0;
-    let e = launch_with(&a, Path::new("/nonexistent/prog"), Box::new(Buf::default()), Box::new(Buf::default()));
+    let e = launch_with(
+        &a,
+        Path::new("/nonexistent/prog"),
+        Box::new(Buf::default()),
+        Box::new(Buf::default()),
+    );
     assert!(e.unwrap_err().to_string().contains("/nonexistent/prog"));
 }
 
@@ -112,12 +134,28 @@ fn launch_args_parse_like_torchrun() {
         launch: LaunchArgs,
     }
     let c = Cli::try_parse_from([
-        "launch", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr",
-        "node01", "--master-port", "4000", "--", "train", "--method", "suave",
+        "launch",
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "node01",
+        "--master-port",
+        "4000",
+        "--",
+        "train",
+        "--method",
+        "suave",
     ])
     .unwrap();
     let l = c.launch;
-    assert_eq!((l.nproc_per_node, l.nnodes, l.node_rank, l.master_port), (8, 2, 1, 4000));
+    assert_eq!(
+        (l.nproc_per_node, l.nnodes, l.node_rank, l.master_port),
+        (8, 2, 1, 4000)
+    );
     assert_eq!(l.master_addr, "node01");
     assert_eq!(l.program_args, ["train", "--method", "suave"]);
     assert!(Cli::try_parse_from(["launch", "--nproc-per-node", "2"]).is_err());
@@ -133,15 +171,27 @@ fn slurm_args(out: PathBuf) -> SlurmArgs {
         job_name: "suave-10perc".into(),
         cpus_per_task: 12,
         master_port: None,
-        train_args: ["train", "--method", "suave", "--data", "/data/imagenet", "--note", "a b"]
-            .map(String::from)
-            .to_vec(),
+        train_args: [
+            "train",
+            "--method",
+            "suave",
+            "--data",
+            "/data/imagenet",
+            "--note",
+            "a b",
+        ]
+        .map(String::from)
+        .to_vec(),
     }
 }
 
 #[test]
 fn sbatch_for_two_nodes_of_eight_gpus_for_24_hours() {
-    let s = render_sbatch(&slurm_args("/runs/s1".into()), Path::new("/opt/sdengine/bin/sdengine")).unwrap();
+    let s = render_sbatch(
+        &slurm_args("/runs/s1".into()),
+        Path::new("/opt/sdengine/bin/sdengine"),
+    )
+    .unwrap();
     let want = "#!/bin/bash
 # Written by `sdengine slurm`; submit with: sbatch /runs/s1/sdengine.sbatch
 #SBATCH --job-name=suave-10perc
@@ -173,9 +223,17 @@ srun --kill-on-bad-exit=1 /opt/sdengine/bin/sdengine train --method suave --data
         ("SLURM_JOB_NODELIST", "gpu[017-018]"),
         ("SLURM_JOB_ID", "777123"),
     ];
-    let e = DistEnv::from_vars(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap();
+    let e = DistEnv::from_vars(|k| {
+        vars.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
     assert_eq!((e.rank, e.local_rank, e.world_size), (9, 1, 16));
-    assert_eq!((e.master_addr.as_str(), e.master_port, e.source), ("gpu017", 17123, EnvSource::Slurm));
+    assert_eq!(
+        (e.master_addr.as_str(), e.master_port, e.source),
+        ("gpu017", 17123, EnvSource::Slurm)
+    );
 }
 
 #[test]
@@ -187,10 +245,18 @@ fn sbatch_is_written_and_bad_values_refused() {
     let text = write_sbatch(&a, Path::new("/x/sdengine")).unwrap();
     let on_disk = std::fs::read_to_string(dir.path().join("run/sdengine.sbatch")).unwrap();
     assert_eq!(text, on_disk);
-    assert!(text.contains("#SBATCH --time=01:30:00\n") && text.contains("export MASTER_PORT=12345\n"));
+    assert!(
+        text.contains("#SBATCH --time=01:30:00\n") && text.contains("export MASTER_PORT=12345\n")
+    );
     a.output_dir = "/runs/with space".into();
-    assert!(render_sbatch(&a, Path::new("/x")).unwrap_err().to_string().contains("--output-dir"));
+    assert!(render_sbatch(&a, Path::new("/x"))
+        .unwrap_err()
+        .to_string()
+        .contains("--output-dir"));
     a.output_dir = "/runs/ok".into();
     a.hours = 0.0;
-    assert!(render_sbatch(&a, Path::new("/x")).unwrap_err().to_string().contains("--hours"));
+    assert!(render_sbatch(&a, Path::new("/x"))
+        .unwrap_err()
+        .to_string()
+        .contains("--hours"));
 }

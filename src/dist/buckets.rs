@@ -188,7 +188,9 @@ impl GradBuckets {
         if self.ready[param] {
             return Err(Error::invalid(
                 "GradBuckets::mark_ready",
-                format!("{name}: gradient marked ready twice in one step (call reset between steps)"),
+                format!(
+                    "{name}: gradient marked ready twice in one step (call reset between steps)"
+                ),
             ));
         }
         let (b, off) = self.place[param];
@@ -299,7 +301,8 @@ mod tests {
     fn buckets_reduce_in_order_when_complete() {
         let sizes = [3usize, 2, 4];
         let ranks = LocalGroup::new(2).unwrap();
-        let out: Vec<(Vec<Vec<usize>>, Vec<Vec<f32>>)> = std::thread::scope(|s| {
+        type RankOut = (Vec<Vec<usize>>, Vec<Vec<f32>>);
+        let out: Vec<RankOut> = std::thread::scope(|s| {
             let hs: Vec<_> = ranks
                 .iter()
                 .map(|c| {
@@ -308,7 +311,9 @@ mod tests {
                         let mut g = GradBuckets::plan(&params(&sizes), &cfg(16, 16)).unwrap();
                         let r = c.rank() as f32;
                         let grad = |p: usize| -> Vec<f32> {
-                            (0..sizes[p]).map(|i| r * 10.0 + p as f32 + i as f32).collect()
+                            (0..sizes[p])
+                                .map(|i| r * 10.0 + p as f32 + i as f32)
+                                .collect()
                         };
                         // p1 first: bucket 1 is complete but bucket 0 (p2) is not, so nothing
                         // is reduced yet; p2 then releases buckets 0 and 1 together.
@@ -343,8 +348,14 @@ mod tests {
         let e = g.finish().unwrap_err().to_string();
         assert!(e.contains("no gradient for: p1"), "{e}");
         g.reset();
-        assert!(g.mark_ready(1, &[3.0, 4.0], &SingleProcess).unwrap().is_empty());
-        assert_eq!(g.mark_ready(0, &[1.0, 2.0], &SingleProcess).unwrap(), vec![0]);
+        assert!(g
+            .mark_ready(1, &[3.0, 4.0], &SingleProcess)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            g.mark_ready(0, &[1.0, 2.0], &SingleProcess).unwrap(),
+            vec![0]
+        );
         g.finish().unwrap();
         assert_eq!(g.grad(1), &[3.0, 4.0]);
     }
@@ -356,7 +367,8 @@ mod tests {
             ..BucketConfig::default()
         };
         let mut g = GradBuckets::plan(&params(&[1]), &cfg).unwrap();
-        g.mark_ready(0, &[1.0 + 1.0 / 1024.0], &SingleProcess).unwrap();
+        g.mark_ready(0, &[1.0 + 1.0 / 1024.0], &SingleProcess)
+            .unwrap();
         assert_eq!(g.grad(0), &[1.0]);
     }
 }

@@ -231,9 +231,10 @@ fn port_from_job_id(id: &str) -> Result<u16> {
 
 /// The first host of a Slurm node list (`node[01-04,07]` gives `node01`).
 pub fn first_host(list: &str) -> Result<String> {
-    expand_nodelist(list)?.into_iter().next().ok_or_else(|| {
-        Error::invalid("expand_nodelist", format!("node list {list:?} is empty"))
-    })
+    expand_nodelist(list)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid("expand_nodelist", format!("node list {list:?} is empty")))
 }
 
 /// Expands Slurm's compressed host list: comma-separated items, each with any number of
@@ -445,7 +446,11 @@ mod tests {
         assert!(full(&[("WORLD_SIZE", "0")]).contains("WORLD_SIZE=0"));
         assert!(full(&[("RANK", "x")]).contains("RANK=\"x\" is not a non-negative integer"));
         assert!(full(&[("LOCAL_RANK", "")]).contains("LOCAL_RANK is not set"));
-        let e = env(&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "h")]);
+        let e = env(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "2"),
+            ("MASTER_ADDR", "h"),
+        ]);
         assert!(e
             .unwrap_err()
             .to_string()

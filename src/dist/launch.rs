@@ -82,7 +82,7 @@ pub fn launch_with(
     let tails: Vec<Arc<Mutex<VecDeque<String>>>> = (0..args.nproc_per_node)
         .map(|_| Arc::new(Mutex::new(VecDeque::new())))
         .collect();
-    for local in 0..args.nproc_per_node {
+    for (local, tail) in tails.iter().enumerate() {
         let rank = args.node_rank * args.nproc_per_node + local;
         let mut cmd = Command::new(program);
         cmd.args(&args.program_args)
@@ -105,10 +105,7 @@ pub fn launch_with(
                 kill_all(&mut children);
                 return Err(Error::Io {
                     path: program.display().to_string(),
-                    err: std::io::Error::new(
-                        e.kind(),
-                        format!("cannot start rank {rank}: {e}"),
-                    ),
+                    err: std::io::Error::new(e.kind(), format!("cannot start rank {rank}: {e}")),
                 });
             }
         };
@@ -116,7 +113,7 @@ pub fn launch_with(
             readers.push(forward(s, rank, out.clone(), None, done_tx.clone()));
         }
         if let Some(s) = child.stderr.take() {
-            let tail = Some(tails[local].clone());
+            let tail = Some(tail.clone());
             readers.push(forward(s, rank, err.clone(), tail, done_tx.clone()));
         }
         children.push((rank, child));

@@ -330,10 +330,13 @@ enum Kind {
     Gather(u8),
 }
 
+/// One rank's contribution to a [`LocalGroup`] collective: which call it made and its values.
+type Slot = (Option<Kind>, Vec<f64>);
+
 /// State shared by the ranks of a [`LocalGroup`]: one slot per rank and a barrier.
 struct Shared {
     barrier: Barrier,
-    slots: Mutex<Vec<(Option<Kind>, Vec<f64>)>>,
+    slots: Mutex<Vec<Slot>>,
 }
 
 /// One rank of an in-process group: N ranks run on N threads and reduce through shared memory.
@@ -370,7 +373,7 @@ impl LocalGroup {
             .collect())
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Option<Kind>, Vec<f64>)>>> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<Slot>>> {
         self.shared
             .slots
             .lock()
@@ -388,7 +391,7 @@ impl LocalGroup {
         out
     }
 
-    fn compute(&self, kind: Kind, slots: &[(Option<Kind>, Vec<f64>)]) -> Result<Vec<f64>> {
+    fn compute(&self, kind: Kind, slots: &[Slot]) -> Result<Vec<f64>> {
         let n = slots[0].1.len();
         for (r, (k, v)) in slots.iter().enumerate() {
             if *k != Some(kind) {
@@ -457,12 +460,7 @@ impl Communicator for LocalGroup {
         Ok(())
     }
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
-        check_gather_len(
-            "LocalGroup::all_gather",
-            self.world,
-            send.len(),
-            recv.len(),
-        )?;
+        check_gather_len("LocalGroup::all_gather", self.world, send.len(), recv.len())?;
         let vals = send.iter().map(|&v| v as f64).collect();
         let out = self.collective(Kind::Gather(u8::DTYPE), vals)?;
         for (b, v) in recv.iter_mut().zip(out) {
@@ -535,7 +533,8 @@ mod tests {
             let mut h = vec![bf16::from_f32(r as f32 + 0.5)];
             g.broadcast_bf16(&mut h, 1).unwrap();
             let mut all = vec![0.0f32; 6];
-            g.all_gather_f32(&[r as f32, -(r as f32)], &mut all).unwrap();
+            g.all_gather_f32(&[r as f32, -(r as f32)], &mut all)
+                .unwrap();
             g.barrier().unwrap();
             (b, h[0].to_f32(), all)
         });

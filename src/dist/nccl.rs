@@ -200,7 +200,11 @@ impl NcclGroup {
 
     /// Enqueues an in-place all-reduce of a device buffer on the communicator's stream (no
     /// host synchronisation: the caller waits on the stream or records an event).
-    pub fn all_reduce_device<T: NcclType>(&self, buf: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
+    pub fn all_reduce_device<T: NcclType>(
+        &self,
+        buf: &mut CudaSlice<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
         let g = self.lock()?;
         g.comm
             .all_reduce_in_place(buf, &nccl_op(op))

@@ -63,8 +63,7 @@ pub fn slurm_time(hours: f64) -> Result<String> {
 /// Quotes `s` for a POSIX shell when it holds anything but safe characters.
 fn shell_quote(s: &str) -> String {
     let safe = !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c));
     if safe {
         s.to_string()
@@ -103,7 +102,10 @@ pub fn render_sbatch(args: &SlurmArgs, exe: &Path) -> Result<String> {
         ("--job-name", args.job_name.as_str()),
         ("--partition", args.partition.as_deref().unwrap_or("p")),
     ] {
-        if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '"') {
+        if v.is_empty()
+            || v.chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
+        {
             return bad(format!(
                 "{flag} {v:?}: #SBATCH values cannot be empty or hold spaces or quotes"
             ));
@@ -146,7 +148,10 @@ pub fn render_sbatch(args: &SlurmArgs, exe: &Path) -> Result<String> {
             );
         }
     }
-    let _ = writeln!(s, "export RAYON_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-1}}\"");
+    let _ = writeln!(
+        s,
+        "export RAYON_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-1}}\""
+    );
     let mut cmd = format!(
         "srun --kill-on-bad-exit=1 {}",
         shell_quote(&exe.display().to_string())

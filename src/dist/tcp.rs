@@ -179,7 +179,9 @@ fn io_err(e: &std::io::Error, what: &str, timeout: Duration) -> String {
         ErrorKind::UnexpectedEof
         | ErrorKind::ConnectionReset
         | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => format!("{what}: connection closed (that process exited or failed)"),
+        | ErrorKind::BrokenPipe => {
+            format!("{what}: connection closed (that process exited or failed)")
+        }
         _ => format!("{what}: {e}"),
     }
 }
@@ -422,7 +424,9 @@ impl TcpGroup {
         let deadline = start + cfg.connect_timeout;
         let mut s = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = Duration::from_secs(2).min(left).max(Duration::from_millis(10));
+            let attempt = Duration::from_secs(2)
+                .min(left)
+                .max(Duration::from_millis(10));
             match TcpStream::connect_timeout(&addr, attempt) {
                 Ok(s) => break s,
                 Err(e) => {
@@ -505,7 +509,10 @@ impl TcpGroup {
             Link::Peer(s) => self.peer_run(s, h, payload),
         };
         if let Err(e) = &out {
-            inner.broken = Some(e.to_string());
+            inner.broken = Some(match e {
+                Error::Invalid { detail, .. } => detail.clone(),
+                other => other.to_string(),
+            });
             // Close the sockets so that every other rank notices at once.
             match &inner.link {
                 Link::Root(peers) => peers.iter().for_each(|s| {
@@ -630,7 +637,11 @@ fn reduce_bytes<T: Elem>(parts: &[Vec<u8>], op: ReduceOp) -> Vec<u8> {
     let n = parts[0].len() / T::BYTES;
     let wide: Vec<Vec<f64>> = parts
         .iter()
-        .map(|p| p.chunks_exact(T::BYTES).map(|c| T::get(c).to_f64()).collect())
+        .map(|p| {
+            p.chunks_exact(T::BYTES)
+                .map(|c| T::get(c).to_f64())
+                .collect()
+        })
         .collect();
     let mut out = vec![T::from_f64(0.0); n];
     combine(&wide, op, &mut out);

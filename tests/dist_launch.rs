@@ -116,6 +116,18 @@ fn bad_launch_arguments_are_errors() {
         .to_string()
         .contains("--node-rank 2 is not below --nnodes 2"));
     a.node_rank = 0;
+    a.master_addr = "127.0.0.1".into();
+    let e = launch_with(
+        &a,
+        Path::new("/bin/sh"),
+        Box::new(Buf::default()),
+        Box::new(Buf::default()),
+    );
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("loopback address but --nnodes is 2"));
+    a.nnodes = 1;
     let e = launch_with(
         &a,
         Path::new("/nonexistent/prog"),
@@ -259,4 +271,72 @@ fn sbatch_is_written_and_bad_values_refused() {
         .unwrap_err()
         .to_string()
         .contains("--hours"));
+}
+
+/// Not a test on its own: the body of each rank when
+/// `launched_ranks_all_reduce_over_tcp` re-invokes this test binary through `launch` (with
+/// SDENGINE_DIST_CHILD set). In a normal test run it returns at once.
+#[test]
+fn child_rank_body() {
+    if std::env::var_os("SDENGINE_DIST_CHILD").is_none() {
+        return;
+    }
+    use sdengine::dist::tcp::{TcpConfig, TcpGroup};
+    use sdengine::dist::Communicator;
+    let env = DistEnv::from_env().unwrap();
+    let cfg = TcpConfig {
+        connect_timeout: std::time::Duration::from_secs(60),
+        op_timeout: std::time::Duration::from_secs(60),
+    };
+    let g = TcpGroup::connect(&env, &cfg).unwrap();
+    let mut v = vec![(env.rank + 1) as f32; 3];
+    g.all_reduce_sum_f32(&mut v).unwrap();
+    println!(
+        "CHILD rank={} local={} world={} sum={:?}",
+        env.rank, env.local_rank, env.world_size, v
+    );
+}
+
+#[test]
+fn launched_ranks_all_reduce_over_tcp() {
+    // Real processes: launch starts 3 copies of this test binary, each runs `child_rank_body`,
+    // reads its rank from the environment launch set, joins the TCP group and all-reduces.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let exe = std::env::current_exe().unwrap();
+    let a = LaunchArgs {
+        nproc_per_node: 3,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        program_args: vec![
+            "SDENGINE_DIST_CHILD=1".into(),
+            exe.display().to_string(),
+            "--exact".into(),
+            "child_rank_body".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ],
+    };
+    let (out, err) = (Buf::default(), Buf::default());
+    let code = launch_with(
+        &a,
+        Path::new("/usr/bin/env"),
+        Box::new(out.clone()),
+        Box::new(err.clone()),
+    )
+    .unwrap();
+    let (out, err) = (out.text(), err.text());
+    assert_eq!(code, 0, "{out}\n{err}");
+    for r in 0..3 {
+        // (libtest prints "test child_rank_body ... " before the body's output.)
+        let want = format!("CHILD rank={r} local={r} world=3 sum=[6.0, 6.0, 6.0]");
+        let line = out.lines().find(|l| l.contains(&want));
+        let line = line.unwrap_or_else(|| panic!("missing {want:?} in:\n{out}\n{err}"));
+        assert!(line.starts_with(&format!("[rank {r}] ")), "{line}");
+    }
 }

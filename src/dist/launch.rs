@@ -205,6 +205,18 @@ fn validate(args: &LaunchArgs) -> Result<()> {
     if args.master_port == 0 {
         return bad("--master-port 0: every node must know the same fixed port".into());
     }
+    let loopback = args.master_addr == "localhost"
+        || args
+            .master_addr
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if args.nnodes > 1 && loopback {
+        return bad(format!(
+            "--master-addr {} is a loopback address but --nnodes is {}: give node 0's address, \
+             reachable from every node",
+            args.master_addr, args.nnodes
+        ));
+    }
     if args.program_args.is_empty() {
         return bad("nothing to run: give the rank command after `--`".into());
     }

@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use sdengine::dist::launch::{launch, LaunchArgs};
+use sdengine::dist::slurm::{sbatch_path, write_sbatch, SlurmArgs};
 use sdengine::io::convert::{export_weights, import_checkpoint, ExportClassifier, Source};
 use sdengine::io::export::Arch;
 use sdengine::train::cli::TrainArgs;
@@ -23,6 +25,8 @@ use std::time::Duration;
   sdengine finetune --preset suave-finetune-10perc --data /imagenet --init runs/suave-train-10perc/final.safetensors
   sdengine train --resume --output runs/suave   continue a stopped run exactly where it stopped
   sdengine eval --run runs/suave         top-1/top-5 of a run's checkpoint on its validation set
+  sdengine launch --nproc-per-node 2 -- train --method suave --output runs/suave2   two ranks on this node
+  sdengine slurm --help                  write an sbatch script for several nodes
   sdengine plot runs/suave runs/suave/baseline-supervised --output cmp.png   curves of runs, overlaid
   sdengine info                          what this machine offers the engine
   sdengine bench                         time a ResNet-50 (Suave) and a ViT-S/16 (Daino) training step
@@ -59,6 +63,11 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Start ranks of an sdengine command on this node as torchrun does (RANK, LOCAL_RANK,
+    /// WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a failing rank stops the others.
+    Launch(LaunchArgs),
+    /// Write an sbatch script running an sdengine command on Slurm, one rank per GPU.
+    Slurm(SlurmArgs),
     /// Draw runs' metrics.jsonl as a PNG: losses and val_* metrics against epoch, runs overlaid.
     Plot {
         /// Run folders (each holds metrics.jsonl).
@@ -185,6 +194,21 @@ fn run(cli: Cli) -> Result<()> {
             for (k, v) in m {
                 println!("{k:<24} {v:.3}");
             }
+            Ok(())
+        }
+        Command::Launch(args) => {
+            let exe = std::env::current_exe().context("cannot locate the sdengine executable")?;
+            let code = launch(&args, &exe)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Slurm(args) => {
+            let exe = std::env::current_exe().context("cannot locate the sdengine executable")?;
+            write_sbatch(&args, &exe)?;
+            let p = sbatch_path(&args);
+            println!("wrote {}; submit with: sbatch {}", p.display(), p.display());
             Ok(())
         }
         Command::Plot {

@@ -1,0 +1,1 @@
+//! CPU launches of `kernels/norm.cu` (see the module doc of `emu`).

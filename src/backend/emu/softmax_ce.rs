@@ -1,0 +1,1 @@
+//! CPU launches of `kernels/softmax_ce.cu` (see the module doc of `emu`).

@@ -12,7 +12,7 @@
 //    `static` (one copy per process): a per-kernel mutex serialises concurrent launches. This
 //    mode has real concurrency inside a block, so it catches missing `__syncthreads` and
 //    shared-memory races; run every reduction kernel in it.
-//  * fibers (-DCUDA_EMU_FIBERS): a block's threads are ucontext fibers on one OS thread,
+//  * fibers (-DCUDA_EMU_FIBERS): a block's threads are fibers on one OS thread (own stack switch),
 //    switched at barriers; `__shared__` is `static thread_local`, so blocks run in parallel on
 //    a few worker threads. Much faster, but the fibers interleave only at barriers, which hides
 //    missing barriers: it is the speed mode, not the race detector.
@@ -98,6 +98,39 @@ struct Block {
     void sync_warp(unsigned t) { wbar[t >> 5]->arrive_and_wait(); }
 };
 #else
+// Fiber contexts. On x86-64 a switch saves the callee-saved registers on the current stack and
+// swaps stack pointers (a dozen instructions); glibc's swapcontext also saves and restores the
+// signal mask with a system call on every switch, which made it 90% of a kernel's run time.
+// Elsewhere, ucontext.
+#if defined(__x86_64__)
+struct FiberCtx { void* sp = nullptr; };
+__attribute__((naked, noinline)) static void fiber_switch_sp(void** /*save*/, void* /*to*/) {
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
+}
+inline void fiber_switch(FiberCtx& from, FiberCtx& to) { fiber_switch_sp(&from.sp, to.sp); }
+// A fresh stack whose first switch "returns" into entry() with the ABI's call alignment.
+inline void fiber_make(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + bytes)) & ~(uintptr_t)15;
+    void** ret = (void**)(top - 16);          // 16-aligned: after `ret`, rsp = 8 mod 16
+    *ret = (void*)entry;
+    void** sp = ret - 6;                       // r15 r14 r13 r12 rbx rbp, popped as zeros
+    for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+    c.sp = sp;
+}
+#else
+struct FiberCtx { ucontext_t uc; };
+inline void fiber_switch(FiberCtx& from, FiberCtx& to) { swapcontext(&from.uc, &to.uc); }
+inline void fiber_make(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
 // A counting barrier for fibers: waiting = yielding to the scheduler until the generation moves.
 struct FiberBarrier { unsigned expected = 0, arrived = 0; uint64_t gen = 0; };
 struct Block {
@@ -106,17 +139,28 @@ struct Block {
     std::vector<FiberBarrier> wbar;
     std::vector<uint64_t> slot;
     std::vector<max_align_t> dyn;
-    std::vector<ucontext_t> ctx;
-    ucontext_t scheduler;
+    std::vector<FiberCtx> ctx;
+    FiberCtx scheduler;
     std::vector<unsigned char> finished;
     std::unique_ptr<char[]> stacks;
     size_t stack_bytes = 0;
     void (*body)(void*) = nullptr;
     void* body_arg = nullptr;
+    // What each fiber waits for (barrier, generation); the scheduler resumes a fiber only once
+    // that generation has passed, so a blocked fiber costs no context switch.
+    std::vector<const FiberBarrier*> wait_on;
+    std::vector<uint64_t> wait_gen;
     void wait(FiberBarrier& b) {
         const uint64_t g = b.gen;
         if (++b.arrived == b.expected) { b.arrived = 0; ++b.gen; return; }
-        while (b.gen == g) swapcontext(&ctx[current], &scheduler);
+        while (b.gen == g) {
+            wait_on[current] = &b;
+            wait_gen[current] = g;
+            fiber_switch(ctx[current], scheduler);
+        }
+    }
+    bool runnable(unsigned t) const {
+        return !finished[t] && (wait_on[t] == nullptr || wait_on[t]->gen != wait_gen[t]);
     }
     static void leave(FiberBarrier& b) {
         --b.expected;
@@ -285,7 +329,9 @@ inline void fiber_entry() {
     --b.live;
     Block::leave(b.bar);
     Block::leave(b.wbar[b.current >> 5]);
-}   // returns to the scheduler through uc_link
+    fiber_switch(b.ctx[b.current], b.scheduler);   // never resumed
+    fail("a finished fiber was resumed");
+}
 template <class F> int run_grid(std::mutex&, F& body, dim3 grid, dim3 block, size_t dyn) {
     if (bad_shape(grid, block)) return 1;
     const unsigned nt = block.x * block.y * block.z, nb = grid.x * grid.y * grid.z;
@@ -297,6 +343,7 @@ template <class F> int run_grid(std::mutex&, F& body, dim3 grid, dim3 block, siz
         b.slot.assign(b.nwarps * 32, 0);
         b.dyn.assign((dyn + sizeof(max_align_t) - 1) / sizeof(max_align_t) + 1, max_align_t{});
         b.ctx.resize(nt); b.finished.resize(nt);
+        b.wait_on.resize(nt); b.wait_gen.resize(nt);
         b.stack_bytes = stack_size(64 * 1024);
         b.stacks.reset(new char[b.stack_bytes * nt]);
         b.body = [](void* p) { (*static_cast<F*>(p))(); };
@@ -307,20 +354,22 @@ template <class F> int run_grid(std::mutex&, F& body, dim3 grid, dim3 block, siz
             b.bar = FiberBarrier{nt, 0, 0};
             for (unsigned w = 0; w < b.nwarps; ++w) b.wbar[w] = FiberBarrier{std::min(32u, nt - 32 * w), 0, 0};
             for (unsigned t = 0; t < nt; ++t) {
-                getcontext(&b.ctx[t]);
-                b.ctx[t].uc_stack.ss_sp = b.stacks.get() + (size_t)t * b.stack_bytes;
-                b.ctx[t].uc_stack.ss_size = b.stack_bytes;
-                b.ctx[t].uc_link = &b.scheduler;
-                makecontext(&b.ctx[t], &fiber_entry, 0);
+                fiber_make(b.ctx[t], b.stacks.get() + (size_t)t * b.stack_bytes, b.stack_bytes, &fiber_entry);
                 b.finished[t] = 0;
+                b.wait_on[t] = nullptr;
             }
             b.live = nt;
-            while (b.live)   // round robin: each live fiber runs until its next barrier or exit
+            while (b.live) {   // round robin: each runnable fiber runs to its next barrier or exit
+                bool progressed = false;
                 for (unsigned t = 0; t < nt; ++t)
-                    if (!b.finished[t]) {
+                    if (b.runnable(t)) {
+                        b.wait_on[t] = nullptr;
                         b.current = t; cur_thread = t; threadIdx = unflatten(t, block);
-                        swapcontext(&b.scheduler, &b.ctx[t]);
+                        fiber_switch(b.scheduler, b.ctx[t]);
+                        progressed = true;
                     }
+                if (!progressed) fail("deadlock: threads wait at different barriers (a __syncthreads or warp op under divergent control flow)");
+            }
         }
         cur_block = nullptr;
     };

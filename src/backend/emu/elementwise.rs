@@ -2,7 +2,7 @@
 //! `backend::cpu::softmax`): GELU with fused bias, bias add and its gradient (a deterministic
 //! column sum), drop path (and fused with the residual add), attention row softmax.
 
-use super::{arg, as_i32, check_len, launch_raw, LaunchConfig, Mode};
+use super::{arg, as_i32, check_len, check_threads, launch_raw, LaunchConfig, Mode};
 use crate::error::{Error, Result};
 use half::bf16;
 use std::ffi::c_void;
@@ -17,12 +17,7 @@ fn launch(mode: Mode, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void])
 
 /// Checks `[rows, cols]` and the block size; returns them as i32.
 fn dims(op: &'static str, rows: usize, cols: usize, threads: u32) -> Result<(i32, i32)> {
-    if threads == 0 || threads > 1024 || threads % 32 != 0 {
-        return Err(Error::invalid(
-            op,
-            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
-        ));
-    }
+    check_threads(op, threads)?;
     if rows == 0 || cols == 0 {
         return Err(Error::shape(
             op,

@@ -3,7 +3,7 @@
 //! apply with ReLU/residual, backward partials, parameter gradients, backward apply), and layer
 //! norm. Each wrapper launches with the configuration documented in the kernel's comment.
 
-use super::{arg, as_i32, check_len, launch_raw, LaunchConfig, Mode};
+use super::{arg, as_i32, check_len, check_threads, launch_raw, LaunchConfig, Mode};
 use crate::error::{Error, Result};
 use half::bf16;
 use std::ffi::c_void;
@@ -14,16 +14,6 @@ fn launch(mode: Mode, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void])
     // SAFETY: every caller below builds `args` in the kernel's parameter order and types, from
     // buffers whose lengths it has checked against the launch's shape.
     unsafe { launch_raw(mode, MODULE, kernel, cfg, args) }
-}
-
-fn check_threads(op: &'static str, threads: u32) -> Result<()> {
-    if threads == 0 || threads > 1024 || threads % 32 != 0 {
-        return Err(Error::invalid(
-            op,
-            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
-        ));
-    }
-    Ok(())
 }
 
 /// Checks `[rows, cols]` (both non-zero) and the block size; returns them as i32.

@@ -31,9 +31,9 @@ __device__ __forceinline__ float phi_pdf(float u) { return INV_SQRT_2PI * expf(-
 // y = gelu(x + bias[c]) over [R, C]; bias may be null.
 KERNEL void gelu_bias_forward(const bf16* __restrict__ x, const float* __restrict__ bias,
                               bf16* __restrict__ y, int R, int C) {
-    const size_t n = (size_t)R * C;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float u = __bfloat162float(x[i]) + (bias ? bias[i % C] : 0.f);
+    const unsigned n = (unsigned)R * (unsigned)C;
+    GRID_STRIDE_LOOP(i, n) {
+        const float u = __bfloat162float(x[i]) + (bias ? bias[i % (unsigned)C] : 0.f);
         y[i] = __float2bfloat16(u * phi_cdf(u));
     }
 }
@@ -41,18 +41,18 @@ KERNEL void gelu_bias_forward(const bf16* __restrict__ x, const float* __restric
 // du = dy (Phi(u) + u phi(u)), u = x + bias[c] recomputed; bias may be null.
 KERNEL void gelu_bias_backward(const bf16* __restrict__ dy, const bf16* __restrict__ x,
                                const float* __restrict__ bias, bf16* __restrict__ du, int R, int C) {
-    const size_t n = (size_t)R * C;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float u = __bfloat162float(x[i]) + (bias ? bias[i % C] : 0.f);
+    const unsigned n = (unsigned)R * (unsigned)C;
+    GRID_STRIDE_LOOP(i, n) {
+        const float u = __bfloat162float(x[i]) + (bias ? bias[i % (unsigned)C] : 0.f);
         du[i] = __float2bfloat16(__bfloat162float(dy[i]) * (phi_cdf(u) + u * phi_pdf(u)));
     }
 }
 
 // y = x + bias[c] over [R, C] (in place allowed).
 KERNEL void bias_add(const bf16* x, const float* __restrict__ bias, bf16* y, int R, int C) {
-    const size_t n = (size_t)R * C;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = __float2bfloat16(__bfloat162float(x[i]) + bias[i % C]);
+    const unsigned n = (unsigned)R * (unsigned)C;
+    GRID_STRIDE_LOOP(i, n)
+        y[i] = __float2bfloat16(__bfloat162float(x[i]) + bias[i % (unsigned)C]);
 }
 
 // part[g][c] = sum of a[r][c] over rows r of group g (rpb rows), fixed order: the bias
@@ -86,18 +86,18 @@ KERNEL void column_sum_finish(const float* __restrict__ part, float* __restrict_
 // y = mask[b] ? x * inv_keep : 0 over samples b of [B, M] (inv_keep = 1 / (1 - drop_prob)).
 KERNEL void drop_path(const bf16* __restrict__ x, const unsigned char* __restrict__ mask,
                       float inv_keep, bf16* __restrict__ y, int B, int M) {
-    const size_t n = (size_t)B * M;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = __float2bfloat16(mask[i / M] ? __bfloat162float(x[i]) * inv_keep : 0.f);
+    const unsigned n = (unsigned)B * (unsigned)M;
+    GRID_STRIDE_LOOP(i, n)
+        y[i] = __float2bfloat16(mask[i / (unsigned)M] ? __bfloat162float(x[i]) * inv_keep : 0.f);
 }
 
 // y = r + drop_path(x) (y may be r).
 KERNEL void drop_path_add(const bf16* r, const bf16* __restrict__ x,
                           const unsigned char* __restrict__ mask, float inv_keep, bf16* y, int B,
                           int M) {
-    const size_t n = (size_t)B * M;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float d = mask[i / M] ? __bfloat162float(x[i]) * inv_keep : 0.f;
+    const unsigned n = (unsigned)B * (unsigned)M;
+    GRID_STRIDE_LOOP(i, n) {
+        const float d = mask[i / (unsigned)M] ? __bfloat162float(x[i]) * inv_keep : 0.f;
         y[i] = __float2bfloat16(__bfloat162float(r[i]) + d);
     }
 }

@@ -183,9 +183,9 @@ KERNEL void bn_apply(const bf16* __restrict__ x, const bf16* __restrict__ residu
                      const float* __restrict__ mean, const float* __restrict__ invstd,
                      const float* __restrict__ gamma, const float* __restrict__ beta,
                      bf16* __restrict__ y, int R, int C, int relu) {
-    const size_t n = (size_t)R * C;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int c = (int)(i % C);
+    const unsigned n = (unsigned)R * (unsigned)C;
+    GRID_STRIDE_LOOP(i, n) {
+        const int c = (int)(i % (unsigned)C);
         const float scale = gamma[c] * invstd[c], shift = beta[c] - mean[c] * scale;
         float v = __bfloat162float(x[i]) * scale + shift;
         if (residual) v += __bfloat162float(residual[i]);
@@ -221,9 +221,9 @@ KERNEL void bn_backward_apply(const bf16* __restrict__ dy, const bf16* __restric
                               const float* __restrict__ sum_dy, const float* __restrict__ sum_dy_xmu,
                               float count, bf16* __restrict__ dx, bf16* __restrict__ dres, int R,
                               int C, int training) {
-    const size_t n = (size_t)R * C;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int c = (int)(i % C);
+    const unsigned n = (unsigned)R * (unsigned)C;
+    GRID_STRIDE_LOOP(i, n) {
+        const int c = (int)(i % (unsigned)C);
         float g = __bfloat162float(dy[i]);
         if (y && !(__bfloat162float(y[i]) > 0.f)) g = 0.f;
         const float is = invstd[c], k = gamma[c] * is;

@@ -26,6 +26,7 @@ fn prepare(
         ));
     }
     check_len(op, "scores", scores.len(), b * k)?;
+    as_i32(op, "rows·prototypes", b * k)?;
     Ok((
         as_i32(op, "rows", b)?,
         as_i32(op, "prototypes", k)?,

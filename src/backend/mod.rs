@@ -2,3 +2,5 @@
 //! backward), generic over f32/f64; the CUDA backend mirrors it op family by op family.
 
 pub mod cpu;
+pub mod emu;
+pub mod kernels;

@@ -7,11 +7,12 @@
 //
 // Layout: x1, x2, out are [B, H, W, C] contiguous. One thread per output element, grid-stride:
 // the kernel is a pure stream (read two values, write one), so the only goal is coalescing, which
-// the flat index gives. `out` must not alias x1 or x2 (the partner row B-1-i is read while row i
+// the flat index within an image gives (grid.y = image, grid-stride over its elements in x, so
+// offsets are 32-bit). `out` must not alias x1 or x2 (the partner row B-1-i is read while row i
 // is written); Suave's extended labelled batch writes the mixed half into its own slot of the
 // [2B] buffer, so that holds. f32 in / f32 out for the CPU path and the f32 batch; bf16 in /
 // bf16 out (computed in f32, rounded once) for the bf16 activations path.
-// Launch: grid min(ceil(total / block), 65535 * 16), block 256; box = 0 for Mixup.
+// Launch: grid (min(ceil(H*W*C / block), 1024), B), block 256; cutmix = 0 for Mixup.
 //
 // mixup_targets writes lambda onehot(y) + (1 - lambda) onehot(y[B-1-i]) with label smoothing
 // `smoothing` (B x classes, one thread per element), like `mixup_targets` in mixup.rs.
@@ -28,23 +29,21 @@ template <class T>
 __device__ void mix_impl(const T* __restrict__ x1, const T* __restrict__ x2, T* __restrict__ out,
                          int b, int h, int w, int c, float lambda, int cutmix, int y_lo, int y_hi,
                          int x_lo, int x_hi) {
-    const long long per = (long long)h * w * c;
-    const long long total = per * b;
+    // blockIdx.y = image i (partner b-1-i); 32-bit offsets within the image (per < 2^31).
+    const int i = blockIdx.y;
+    const int per = h * w * c, row = w * c;
+    const long long base = (long long)i * per, src = ((long long)b - 1 - i) * per;
     const float l = lambda, m = 1.0f - lambda;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const long long i = idx / per, r = idx - i * per;
-        const long long src = ((long long)b - 1 - i) * per + r;
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < per; r += gridDim.x * blockDim.x) {
         float v;
         if (cutmix) {
-            const int y = (int)(r / ((long long)w * c));
-            const int x = (int)((r / c) % w);
+            const int y = r / row, x = (r - y * row) / c;
             const bool inside = y >= y_lo && y < y_hi && x >= x_lo && x < x_hi;
-            v = inside ? ld(x2, src) : ld(x1, idx);
+            v = inside ? ld(x2, src + r) : ld(x1, base + r);
         } else {
-            v = ld(x1, idx) * l + ld(x2, src) * m;
+            v = ld(x1, base + r) * l + ld(x2, src + r) * m;
         }
-        st(out, idx, v);
+        st(out, base + r, v);
     }
 }
 }  // namespace mixup_detail

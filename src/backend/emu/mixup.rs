@@ -9,13 +9,20 @@ use half::bf16;
 
 /// Threads per block of the mixup kernels on the GPU.
 pub const DEFAULT_THREADS: u32 = 256;
-/// Most blocks of a `mix_batch` launch: a grid-stride loop covers the rest.
-pub const MAX_BLOCKS: usize = 1 << 16;
+/// Most blocks per image (grid.x) of a `mix_batch` launch: a grid-stride loop covers the rest.
+pub const MAX_BLOCKS_PER_IMAGE: usize = 1024;
 
-/// Grid and block of `mix_batch_*` over `total` elements.
-pub fn mix_config(total: usize, threads: u32) -> LaunchConfig {
-    let blocks = total.div_ceil(threads.max(1) as usize).clamp(1, MAX_BLOCKS);
-    LaunchConfig::linear(blocks as u32, threads, 0)
+/// Grid and block of `mix_batch_*` on a batch of `batch` images of `per_image` elements:
+/// grid.y is the image, grid.x covers its elements.
+pub fn mix_config(batch: usize, per_image: usize, threads: u32) -> LaunchConfig {
+    let blocks = per_image
+        .div_ceil(threads.max(1) as usize)
+        .clamp(1, MAX_BLOCKS_PER_IMAGE);
+    LaunchConfig {
+        grid: (blocks as u32, batch as u32, 1),
+        block: (threads, 1, 1),
+        shared_bytes: 0,
+    }
 }
 
 /// The kernel's scalar arguments for `p` on an `h x w` image: (cutmix, y_lo, y_hi, x_lo, x_hi).
@@ -45,6 +52,16 @@ fn check(op: &'static str, shape: [usize; 4], lens: [usize; 3], threads: u32) ->
     for (what, len) in ["x1", "x2", "out"].iter().zip(lens) {
         check_len(op, what, len, n)?;
     }
+    if shape[0] > 65535 {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "batch of {} images: at most 65535 per launch (grid.y)",
+                shape[0]
+            ),
+        ));
+    }
+    as_i32(op, "image elements", shape[1] * shape[2] * shape[3])?;
     Ok([
         as_i32(op, "batch", shape[0])?,
         as_i32(op, "height", shape[1])?,
@@ -68,6 +85,9 @@ pub fn mix_batch(
     const OP: &str = "emu::mix_batch";
     let [b, h, w, c] = check(OP, shape, [x1.len(), x2.len(), out.len()], threads)?;
     let [cm, yl, yh, xl, xh] = box_args(OP, p, shape[1], shape[2])?;
+    if out.is_empty() {
+        return Ok(());
+    }
     let (p1, p2, po, l) = (x1.as_ptr(), x2.as_ptr(), out.as_mut_ptr(), p.lambda);
     let mut args = [
         arg(&p1),
@@ -90,7 +110,7 @@ pub fn mix_batch(
             mode,
             "mixup",
             "mix_batch_f32",
-            mix_config(out.len(), threads),
+            mix_config(shape[0], shape[1] * shape[2] * shape[3], threads),
             &mut args,
         )
     }
@@ -109,6 +129,9 @@ pub fn mix_batch_bf16(
     const OP: &str = "emu::mix_batch_bf16";
     let [b, h, w, c] = check(OP, shape, [x1.len(), x2.len(), out.len()], threads)?;
     let [cm, yl, yh, xl, xh] = box_args(OP, p, shape[1], shape[2])?;
+    if out.is_empty() {
+        return Ok(());
+    }
     let (p1, p2, po, l) = (x1.as_ptr(), x2.as_ptr(), out.as_mut_ptr(), p.lambda);
     let mut args = [
         arg(&p1),
@@ -131,7 +154,7 @@ pub fn mix_batch_bf16(
             mode,
             "mixup",
             "mix_batch_bf16",
-            mix_config(out.len(), threads),
+            mix_config(shape[0], shape[1] * shape[2] * shape[3], threads),
             &mut args,
         )
     }

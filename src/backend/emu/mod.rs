@@ -12,8 +12,11 @@
 use crate::error::{Error, Result};
 use std::ffi::c_void;
 
+pub mod augment;
 pub mod elementwise;
+pub mod mixup;
 pub mod norm;
+pub mod optim;
 pub mod sinkhorn;
 pub mod softmax_ce;
 

@@ -263,6 +263,9 @@ fn suave_step_matches_pytorch() {
     cfg.epochs = 2;
     cfg.warmup_epochs = 1;
     cfg.queue_length = 8;
+    // The values the fixture was written with (pinned: the demo's defaults may change).
+    cfg.base_lr = 0.6;
+    cfg.final_lr = 0.0006;
     let mut st = SuaveState::new(&cfg, N_ITER, 1).unwrap();
     reference_fill(&mut st.store, SEED);
     // Pre-filled (L2-normalised) queue: active from the first step, so Sinkhorn sees
@@ -329,6 +332,10 @@ fn daino_step_matches_pytorch() {
     cfg.epochs = 2;
     cfg.warmup_epochs = 1;
     cfg.drop_path_rate = 0.0;
+    // The values the fixture was written with (pinned: the demo's defaults may change).
+    cfg.base_lr = 0.002;
+    cfg.momentum_teacher = 0.99;
+    cfg.warmup_teacher_temp_epochs = 2;
     let mut st = DainoState::new(&cfg, N_ITER, 1).unwrap();
     reference_fill(&mut st.student_store, SEED);
     for (t, s) in st

@@ -482,9 +482,15 @@ mod tests {
             .to_string();
         assert!(e.contains("smaller than one 4-px patch"), "{e}");
         assert!(parse(&["--method", "swav"]).resolve(false).is_err());
-        let (c, _) = parse(&["--recipe", "cifar", "--data", "/c"]).resolve(false).unwrap();
+        let (c, _) = parse(&["--recipe", "cifar", "--data", "/c"])
+            .resolve(false)
+            .unwrap();
         assert_eq!(c.arch, Arch::ResnetTiny);
-        assert!(parse(&["--recipe", "cifar", "--preset", "suave-train-1perc"]).resolve(false).is_err());
+        assert!(
+            parse(&["--recipe", "cifar", "--preset", "suave-train-1perc"])
+                .resolve(false)
+                .is_err()
+        );
         assert!(parse(&["--global-crops-scale", "0.9", "0.1"])
             .resolve(false)
             .is_err());

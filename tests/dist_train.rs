@@ -562,10 +562,19 @@ fn step_lines(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// `train_with` on two in-process ranks.
+/// `train_with` on two in-process ranks, each in its own one-thread rayon pool: some kernels
+/// split their work by the thread count (conv groups, GEMM blocking), so matching the
+/// launched processes bit for bit needs the same count (the launch test sets
+/// `RAYON_NUM_THREADS=1`).
 fn train_ranks(cfg: &TrainConfig, opts: &RunOptions) -> Vec<RunSummary> {
     let stop = AtomicBool::new(false);
-    on_ranks(|_, comm| train_with(cfg.clone(), opts, &stop, comm).unwrap())
+    on_ranks(|_, comm| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| train_with(cfg.clone(), opts, &stop, comm).unwrap())
+    })
 }
 
 /// The settings of [`tiny_flags`] as a config (per-rank batch 4, labelled 2).
@@ -675,6 +684,7 @@ fn launched_processes_equal_in_process_ranks() {
     args.extend(tiny_flags(&data, &out));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdengine"))
         .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
     assert!(

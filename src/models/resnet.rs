@@ -18,6 +18,10 @@
 //! zero-init of the last BN of a block. In practice Suave overwrites the backbone with a SwAV
 //! checkpoint.
 //!
+//! Data parallelism: the `*_with` forms take a [`Communicator`] and run every BN as a
+//! SyncBatchNorm over its ranks (the official code converts every BN); the plain forms are
+//! the one-process case.
+//!
 //! Memory: every activation is held once, in an `Arc` shared by the layer that produced it (as
 //! its output) and the layers that read it in the backward; nothing is cloned.
 
@@ -25,6 +29,7 @@ use crate::backend::cpu::pool::{
     global_avg_pool_backward, global_avg_pool_forward, max_pool2d_backward, max_pool2d_forward,
     MaxPool2dParams, MaxPool2dSaved,
 };
+use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::nn::batchnorm::{BatchNorm, BatchNormCache};
 use crate::nn::conv::{Conv2d, Conv2dCache};
@@ -230,20 +235,31 @@ impl Bottleneck {
         x: Arc<Tensor<f32>>,
         training: bool,
     ) -> Result<(Arc<Tensor<f32>>, BottleneckCache)> {
+        self.forward_with(store, x, training, &SingleProcess)
+    }
+
+    /// Forward with every BN synchronised over the ranks of `comm` in training mode.
+    pub fn forward_with(
+        &self,
+        store: &mut ParamStore,
+        x: Arc<Tensor<f32>>,
+        training: bool,
+        comm: &dyn Communicator,
+    ) -> Result<(Arc<Tensor<f32>>, BottleneckCache)> {
         let ds = match &self.downsample {
             Some((conv, bn)) => {
                 let (h, cc) = conv.forward(store, x.clone())?;
-                let (h, bc) = bn.forward(store, h, training)?;
+                let (h, bc) = bn.forward_with(store, h, training, comm)?;
                 Some((h, cc, bc))
             }
             None => None,
         };
         let (h, c1) = self.conv1.forward(store, x)?;
-        let (h, b1) = self.bn1.forward(store, h, training)?;
+        let (h, b1) = self.bn1.forward_with(store, h, training, comm)?;
         let (h, c2) = self.conv2.forward(store, h)?;
-        let (h, b2) = self.bn2.forward(store, h, training)?;
+        let (h, b2) = self.bn2.forward_with(store, h, training, comm)?;
         let (h, c3) = self.conv3.forward(store, h)?;
-        let (mut h, b3) = self.bn3.forward(store, h, training)?;
+        let (mut h, b3) = self.bn3.forward_with(store, h, training, comm)?;
         let ds = match ds {
             Some((identity, cc, bc)) => {
                 add_relu_inplace(&mut h, &identity)?;
@@ -275,18 +291,29 @@ impl Bottleneck {
         cache: BottleneckCache,
         dy: Tensor<f32>,
     ) -> Result<Tensor<f32>> {
+        self.backward_with(store, cache, dy, &SingleProcess)
+    }
+
+    /// Backward of [`Bottleneck::forward_with`] (the same communicator).
+    pub fn backward_with(
+        &self,
+        store: &mut ParamStore,
+        cache: BottleneckCache,
+        dy: Tensor<f32>,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor<f32>> {
         let mut g = dy;
         relu_mask_inplace(&mut g, &cache.y)?;
         drop(cache.y);
-        let d = self.bn3.backward(store, cache.b3, &g)?;
+        let d = self.bn3.backward_with(store, cache.b3, &g, comm)?;
         let d = need(self.conv3.backward(store, cache.c3, &d, true)?)?;
-        let d = self.bn2.backward(store, cache.b2, &d)?;
+        let d = self.bn2.backward_with(store, cache.b2, &d, comm)?;
         let d = need(self.conv2.backward(store, cache.c2, &d, true)?)?;
-        let d = self.bn1.backward(store, cache.b1, &d)?;
+        let d = self.bn1.backward_with(store, cache.b1, &d, comm)?;
         let mut dx = need(self.conv1.backward(store, cache.c1, &d, true)?)?;
         match (&self.downsample, cache.ds) {
             (Some((conv, bn)), Some((cc, bc))) => {
-                let d = bn.backward(store, bc, &g)?;
+                let d = bn.backward_with(store, bc, &g, comm)?;
                 let d = need(conv.backward(store, cc, &d, true)?)?;
                 add_inplace(&mut dx, &d)?;
             }
@@ -386,13 +413,25 @@ impl ResNet {
         x: impl Into<Arc<Tensor<f32>>>,
         training: bool,
     ) -> Result<(Tensor<f32>, ResNetCache)> {
+        self.forward_with(store, x, training, &SingleProcess)
+    }
+
+    /// Forward as [`ResNet::forward`] with every BN a SyncBatchNorm over the ranks of `comm`
+    /// (training mode; collective, so every rank runs the same passes in the same order).
+    pub fn forward_with(
+        &self,
+        store: &mut ParamStore,
+        x: impl Into<Arc<Tensor<f32>>>,
+        training: bool,
+        comm: &dyn Communicator,
+    ) -> Result<(Tensor<f32>, ResNetCache)> {
         let (h, conv1) = self.conv1.forward(store, x)?;
-        let (h, bn1) = self.bn1.forward(store, h, training)?;
+        let (h, bn1) = self.bn1.forward_with(store, h, training, comm)?;
         let (h, pool) = max_pool2d_forward(&h, STEM_POOL)?;
         let mut h = Arc::new(h);
         let mut blocks = Vec::with_capacity(self.layers.iter().map(Vec::len).sum());
         for blk in self.layers.iter().flatten() {
-            let (y, c) = blk.forward(store, h, training)?;
+            let (y, c) = blk.forward_with(store, h, training, comm)?;
             blocks.push(c);
             h = y;
         }
@@ -415,16 +454,28 @@ impl ResNet {
         cache: ResNetCache,
         dfeats: &Tensor<f32>,
     ) -> Result<()> {
+        self.backward_with(store, cache, dfeats, &SingleProcess)
+    }
+
+    /// Backward of [`ResNet::forward_with`] (the same communicator): dx of every BN uses the
+    /// gradient sums of all ranks.
+    pub fn backward_with(
+        &self,
+        store: &mut ParamStore,
+        cache: ResNetCache,
+        dfeats: &Tensor<f32>,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
         let mut d = global_avg_pool_backward(dfeats, &cache.last_shape)?;
         let mut caches = cache.blocks;
         for blk in self.layers.iter().flatten().rev() {
             let c = caches.pop().ok_or_else(|| {
                 Error::invalid("ResNet::backward", "cache has fewer blocks than the model")
             })?;
-            d = blk.backward(store, c, d)?;
+            d = blk.backward_with(store, c, d, comm)?;
         }
         let d = max_pool2d_backward(&d, &cache.pool)?;
-        let d = self.bn1.backward(store, cache.bn1, &d)?;
+        let d = self.bn1.backward_with(store, cache.bn1, &d, comm)?;
         self.conv1.backward(store, cache.conv1, &d, false)?;
         Ok(())
     }

@@ -18,6 +18,7 @@
 use super::resnet::{ResNet, ResNetCache, ResNetConfig};
 use crate::backend::cpu::elementwise::add_assign;
 use crate::backend::cpu::norm::{l2_normalize_backward, l2_normalize_forward, L2NormalizeCtx};
+use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::nn::batchnorm::{BatchNorm, BatchNormCache};
 use crate::nn::linear::{Linear, LinearCache};
@@ -166,6 +167,18 @@ impl SuaveHead {
         lab_rows: usize,
         training: bool,
     ) -> Result<(SuaveOutput, SuaveHeadCache)> {
+        self.forward_with(store, f, lab_rows, training, &SingleProcess)
+    }
+
+    /// Forward with the projection's BatchNorm1d synchronised over the ranks of `comm`.
+    pub fn forward_with(
+        &self,
+        store: &mut ParamStore,
+        f: &Tensor<f32>,
+        lab_rows: usize,
+        training: bool,
+        comm: &dyn Communicator,
+    ) -> Result<(SuaveOutput, SuaveHeadCache)> {
         f.expect_shape(
             "SuaveHead::forward",
             "features",
@@ -176,7 +189,7 @@ impl SuaveHead {
             online_in.push(first_rows(f, lab_rows)?);
         }
         let (h, fc1) = self.proj_fc1.forward(store, f)?;
-        let (a, bn) = self.proj_bn.forward(store, h, training)?;
+        let (a, bn) = self.proj_bn.forward_with(store, h, training, comm)?;
         if self.cls_heads.is_some() {
             online_in.push(first_rows(&a, lab_rows)?);
         }
@@ -228,6 +241,17 @@ impl SuaveHead {
         cache: SuaveHeadCache,
         grads: SuaveGrads<'_>,
     ) -> Result<Tensor<f32>> {
+        self.backward_with(store, cache, grads, &SingleProcess)
+    }
+
+    /// Backward of [`SuaveHead::forward_with`] (the same communicator).
+    pub fn backward_with(
+        &self,
+        store: &mut ParamStore,
+        cache: SuaveHeadCache,
+        grads: SuaveGrads<'_>,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor<f32>> {
         if let (Some(heads), Some(caches), Some(dl)) = (&self.cls_heads, cache.online, grads.online)
         {
             for ((head, c), g) in heads.iter().zip(caches).zip(dl) {
@@ -243,7 +267,7 @@ impl SuaveHead {
         }
         let dz_raw = l2_normalize_backward(&dz, &cache.z_raw, &cache.l2)?;
         let da = need(self.proj_fc2.backward(store, cache.fc2, &dz_raw, true)?)?;
-        let dh = self.proj_bn.backward(store, cache.bn, &da)?;
+        let dh = self.proj_bn.backward_with(store, cache.bn, &da, comm)?;
         need(self.proj_fc1.backward(store, cache.fc1, &dh, true)?)
     }
 }
@@ -308,6 +332,20 @@ impl SuaveNet {
         inputs: &[Tensor<f32>],
         training: bool,
     ) -> Result<(SuaveOutput, SuaveCache)> {
+        self.forward_with(store, inputs, training, &SingleProcess)
+    }
+
+    /// Forward as [`SuaveNet::forward`] with every BN (backbone, per resolution group, and the
+    /// projection's BatchNorm1d) a SyncBatchNorm over the ranks of `comm` (spec §1.3: the
+    /// statistics of a group mix labelled and unlabelled rows of every rank). Every rank must
+    /// pass inputs of the same resolutions in the same order.
+    pub fn forward_with(
+        &self,
+        store: &mut ParamStore,
+        inputs: &[Tensor<f32>],
+        training: bool,
+        comm: &dyn Communicator,
+    ) -> Result<(SuaveOutput, SuaveCache)> {
         let first = inputs
             .first()
             .ok_or_else(|| Error::invalid("SuaveNet::forward", "no inputs"))?;
@@ -332,7 +370,7 @@ impl SuaveNet {
             let parts: Vec<&Tensor<f32>> = inputs[start..end].iter().collect();
             let x = Tensor::cat_batch(&parts)?;
             let rows = x.dim(0);
-            let (f, c) = self.backbone.forward(store, x, training)?;
+            let (f, c) = self.backbone.forward_with(store, x, training, comm)?;
             groups.push((rows, c));
             feats.push(f);
             start = end;
@@ -342,7 +380,9 @@ impl SuaveNet {
         } else {
             Tensor::cat_batch(&feats.iter().collect::<Vec<_>>())?
         };
-        let (out, head) = self.head.forward(store, &f, lab_rows, training)?;
+        let (out, head) = self
+            .head
+            .forward_with(store, &f, lab_rows, training, comm)?;
         Ok((out, SuaveCache { groups, head }))
     }
 
@@ -355,11 +395,22 @@ impl SuaveNet {
         cache: SuaveCache,
         grads: SuaveGrads<'_>,
     ) -> Result<()> {
-        let df = self.head.backward(store, cache.head, grads)?;
+        self.backward_with(store, cache, grads, &SingleProcess)
+    }
+
+    /// Backward of [`SuaveNet::forward_with`] (the same communicator).
+    pub fn backward_with(
+        &self,
+        store: &mut ParamStore,
+        cache: SuaveCache,
+        grads: SuaveGrads<'_>,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
+        let df = self.head.backward_with(store, cache.head, grads, comm)?;
         let rows: Vec<usize> = cache.groups.iter().map(|(n, _)| *n).collect();
         let parts = df.split_batch(&rows)?;
         for ((_, c), d) in cache.groups.into_iter().zip(parts).rev() {
-            self.backbone.backward(store, c, &d)?;
+            self.backbone.backward_with(store, c, &d, comm)?;
         }
         Ok(())
     }

@@ -14,12 +14,24 @@
 //! (statistics → finalize → apply; gradient sums → apply → parameter gradients) rather than the
 //! one-call wrappers: SyncBatchNorm all-reduces exactly the two partial sums in between, so the
 //! cross-rank hook slots in at the two marked places without changing the layer's shape.
+//!
+//! SyncBatchNorm is [`BatchNorm::forward_with`] / [`BatchNorm::backward_with`] with a
+//! communicator of several ranks: the forward all-reduces (Σx, Σx², count) before the
+//! statistics are finalised, so every rank normalises with the statistics of the global batch
+//! and updates its running statistics identically (unbiased variance over the global count); the
+//! backward all-reduces (Σdy', Σdy'·(x−μ), count) before dx, as PyTorch's `SyncBatchNorm`
+//! backward does, while dγ and dβ keep the local sums (they are averaged later with every other
+//! gradient, which with the loss's per-rank mean gives the global-batch gradient). With one rank
+//! nothing is exchanged, so [`BatchNorm::forward`] (= `forward_with(.., &SingleProcess)`) is
+//! bit-identical to the plain layer.
 
 use super::{ParamId, ParamStore};
 use crate::backend::cpu::norm::{
     batch_norm_apply, batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_eval_stats,
     batch_norm_finalize, batch_norm_param_grads, batch_norm_stats, BatchNormCtx, BatchNormParams,
 };
+use crate::backend::cpu::norm::{BatchNormGradPartials, BatchNormPartials};
+use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use std::sync::Arc;
@@ -76,14 +88,27 @@ impl BatchNorm {
         }
     }
 
-    /// Forward over `x [..., C]`. Training: batch statistics, running statistics and
-    /// `num_batches_tracked` updated in the store. Evaluation: running statistics, nothing
+    /// Forward over `x [..., C]` on one process. Training: batch statistics, running statistics
+    /// and `num_batches_tracked` updated in the store. Evaluation: running statistics, nothing
     /// updated.
     pub fn forward(
         &self,
         store: &mut ParamStore,
         x: impl Into<Arc<Tensor<f32>>>,
         training: bool,
+    ) -> Result<(Tensor<f32>, BatchNormCache)> {
+        self.forward_with(store, x, training, &SingleProcess)
+    }
+
+    /// Forward as [`BatchNorm::forward`], with the training statistics taken over every rank of
+    /// `comm` (SyncBatchNorm). Collective in training mode: every rank must call it in the same
+    /// order.
+    pub fn forward_with(
+        &self,
+        store: &mut ParamStore,
+        x: impl Into<Arc<Tensor<f32>>>,
+        training: bool,
+        comm: &dyn Communicator,
     ) -> Result<(Tensor<f32>, BatchNormCache)> {
         let x = x.into();
         if x.rank() < 2 || x.dim(-1) != self.channels {
@@ -99,8 +124,8 @@ impl BatchNorm {
         }
         let p = self.params(training);
         let stats = if training {
-            let partials = batch_norm_stats(&*x)?;
-            // SyncBatchNorm: all-reduce `partials` (sum, sumsq, count) across ranks here.
+            let mut partials = batch_norm_stats(&*x)?;
+            sync_stats(&mut partials, comm)?;
             let mut rm = std::mem::replace(store.value_mut(self.running_mean), Tensor::zeros(&[0]));
             let mut rv = std::mem::replace(store.value_mut(self.running_var), Tensor::zeros(&[0]));
             let stats = batch_norm_finalize(&partials, &mut rm, &mut rv, p);
@@ -134,15 +159,68 @@ impl BatchNorm {
         cache: BatchNormCache,
         dy: &Tensor<f32>,
     ) -> Result<Tensor<f32>> {
+        self.backward_with(store, cache, dy, &SingleProcess)
+    }
+
+    /// Backward of [`BatchNorm::forward_with`]: in training mode with several ranks, dx uses the
+    /// gradient sums of every rank (SyncBatchNorm); dγ, dβ are this rank's. Collective in
+    /// training mode, in the reverse order of the forwards.
+    pub fn backward_with(
+        &self,
+        store: &mut ParamStore,
+        cache: BatchNormCache,
+        dy: &Tensor<f32>,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor<f32>> {
         let local = batch_norm_backward_reduce(dy, &cache.x, &cache.ctx)?;
-        // SyncBatchNorm: dx needs the all-reduced sums (a clone of `local` reduced across ranks);
-        // dγ, dβ take the LOCAL sums (reduced later with every other gradient).
-        let dx = batch_norm_backward_apply(dy, &cache.x, &cache.ctx, &local)?;
+        // dx needs the all-reduced sums; dγ, dβ take the LOCAL sums (averaged later with every
+        // other gradient).
+        let dx = if cache.ctx.training && comm.world_size() > 1 {
+            let mut global = local.clone();
+            sync_grad_sums(&mut global, comm)?;
+            batch_norm_backward_apply(dy, &cache.x, &cache.ctx, &global)?
+        } else {
+            batch_norm_backward_apply(dy, &cache.x, &cache.ctx, &local)?
+        };
         let (dgamma, dbeta) = batch_norm_param_grads(&local, &cache.ctx)?;
         store.accumulate_grad(self.weight, &dgamma)?;
         store.accumulate_grad(self.bias, &dbeta)?;
         Ok(dx)
     }
+}
+
+/// Packs `[a, b, count]` into one f64 buffer, sums it over the ranks and unpacks it: one
+/// collective per call. Counts below 2⁵³ are exact in f64.
+fn sum_packed(
+    a: &mut [f64],
+    b: &mut [f64],
+    count: &mut usize,
+    comm: &dyn Communicator,
+) -> Result<()> {
+    let c = a.len();
+    let mut buf = Vec::with_capacity(2 * c + 1);
+    buf.extend_from_slice(a);
+    buf.extend_from_slice(b);
+    buf.push(*count as f64);
+    comm.all_reduce_sum_f64(&mut buf)?;
+    a.copy_from_slice(&buf[..c]);
+    b.copy_from_slice(&buf[c..2 * c]);
+    *count = buf[2 * c] as usize;
+    Ok(())
+}
+
+/// SyncBatchNorm's forward exchange: (Σx, Σx², count) summed over the ranks. Nothing moves
+/// for one rank, so the single-process result stays bit-identical.
+fn sync_stats(p: &mut BatchNormPartials, comm: &dyn Communicator) -> Result<()> {
+    if comm.world_size() <= 1 {
+        return Ok(());
+    }
+    sum_packed(&mut p.sum, &mut p.sumsq, &mut p.count, comm)
+}
+
+/// SyncBatchNorm's backward exchange: (Σdy', Σdy'·(x−μ), count) summed over the ranks.
+fn sync_grad_sums(p: &mut BatchNormGradPartials, comm: &dyn Communicator) -> Result<()> {
+    sum_packed(&mut p.sum_dy, &mut p.sum_dy_xmu, &mut p.count, comm)
 }
 
 #[cfg(test)]
@@ -228,5 +306,63 @@ mod tests {
         assert!(bn.forward(&mut s, Tensor::zeros(&[1, 3]), true).is_err());
         assert_eq!(s.value(bn.running_mean).shape(), &[3]);
         assert_eq!(s.value(bn.num_batches_tracked).data()[0], 0.0);
+    }
+
+    /// SyncBatchNorm: two ranks on the halves of a batch give the rows, running statistics and
+    /// dx of one rank on the whole batch, and their local dγ, dβ add up to the whole batch's.
+    #[test]
+    fn two_ranks_equal_one_on_the_whole_batch() {
+        use crate::dist::LocalGroup;
+        let x = Tensor::randn_named(3, "x", &[6, 2, 2, 5], 1.0);
+        let dy = Tensor::randn_named(3, "dy", &[6, 2, 2, 5], 1.0);
+        let build = || {
+            let mut s = ParamStore::new();
+            let bn = BatchNorm::new(&mut s, "bn", 5, true);
+            crate::nn::init::reference_fill(&mut s, 2);
+            (s, bn)
+        };
+        let (mut s, bn) = build();
+        let (y, c) = bn.forward(&mut s, x.clone(), true).unwrap();
+        let dx = bn.backward(&mut s, c, &dy).unwrap();
+        let xs = x.split_batch(&[3, 3]).unwrap();
+        let dys = dy.split_batch(&[3, 3]).unwrap();
+        let ranks = LocalGroup::new(2).unwrap();
+        let outs: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    let (xr, dyr) = (xs[r].clone(), dys[r].clone());
+                    let build = &build;
+                    sc.spawn(move || {
+                        let (mut s, bn) = build();
+                        let (y, c) = bn.forward_with(&mut s, xr, true, g).unwrap();
+                        let dx = bn.backward_with(&mut s, c, &dyr, g).unwrap();
+                        (y, dx, s)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let y2 = Tensor::cat_batch(&[&outs[0].0, &outs[1].0]).unwrap();
+        let dx2 = Tensor::cat_batch(&[&outs[0].1, &outs[1].1]).unwrap();
+        assert!(rel_l2(y2.data(), y.data()) < 1e-6);
+        assert!(rel_l2(dx2.data(), dx.data()) < 1e-5);
+        for (_, _, sr) in &outs {
+            for id in [bn.running_mean, bn.running_var] {
+                assert!(rel_l2(sr.value(id).data(), s.value(id).data()) < 1e-6);
+            }
+        }
+        for id in [bn.weight, bn.bias] {
+            let sum: Vec<f32> = outs[0]
+                .2
+                .grad(id)
+                .data()
+                .iter()
+                .zip(outs[1].2.grad(id).data())
+                .map(|(a, b)| a + b)
+                .collect();
+            assert!(rel_l2(&sum, s.grad(id).data()) < 1e-5);
+        }
     }
 }

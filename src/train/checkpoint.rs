@@ -7,6 +7,11 @@
 //! and renamed over the previous one, so an interrupted write (Ctrl-C, a full disk, a killed
 //! job) leaves the last good checkpoint in place. Every random draw of a run is a pure function
 //! of (seed, iteration, batch index), so the position is all the "RNG state" a resume needs.
+//!
+//! Data parallel runs: rank 0 writes the one file; the ranks' models are identical, their Suave
+//! queues are not, so every rank's queue is stored as `queue.rank{r}` (gathered by the trainer)
+//! and the world size in the position; a resume on that world size gives each rank its own
+//! queue back. One-rank runs keep the single `queue` tensor.
 
 use super::config::TrainConfig;
 use super::daino::DainoState;
@@ -51,6 +56,13 @@ pub struct Position {
     pub adamw_steps: BTreeMap<String, u64>,
     /// The resolved configuration of the run.
     pub config: TrainConfig,
+    /// Ranks of the run that wrote it (1 for checkpoints written before this field existed).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The state of either method.
@@ -79,19 +91,41 @@ fn flat(v: &[f32]) -> Result<FileTensor> {
     Ok(FileTensor::F32(Tensor::from_vec(v.to_vec(), &[v.len()])?))
 }
 
-/// Writes the checkpoint atomically.
+/// Writes the checkpoint of a one-rank run atomically.
 pub fn save(path: &Path, state: &MethodState, pos: &Position) -> Result<()> {
+    save_ranks(path, state, pos, None)
+}
+
+/// Writes the checkpoint atomically; `rank_queues` (every rank's Suave queue in rank order,
+/// from a run of several ranks) replaces the state's own queue by `queue.rank{r}` tensors, and
+/// the position records their number as the world size.
+pub fn save_ranks(
+    path: &Path,
+    state: &MethodState,
+    pos: &Position,
+    rank_queues: Option<&[Tensor<f32>]>,
+) -> Result<()> {
     let mut t = BTreeMap::new();
     let mut pos = pos.clone();
     pos.format = FORMAT;
+    pos.world_size = rank_queues.map_or(1, |q| q.len().max(1));
     match state {
         MethodState::Suave(s) => {
             store_tensors("model.", &s.store, &mut t)?;
             for (name, b) in s.lars.buffers() {
                 t.insert(format!("lars.{name}"), flat(b)?);
             }
-            if let Some(q) = &s.queue {
-                t.insert("queue".into(), FileTensor::F32(q.to_tensor()));
+            match rank_queues {
+                Some(qs) if qs.len() > 1 => {
+                    for (r, q) in qs.iter().enumerate() {
+                        t.insert(format!("queue.rank{r}"), FileTensor::F32(q.clone()));
+                    }
+                }
+                _ => {
+                    if let Some(q) = &s.queue {
+                        t.insert("queue".into(), FileTensor::F32(q.to_tensor()));
+                    }
+                }
             }
         }
         MethodState::Daino(d) => {
@@ -169,6 +203,30 @@ pub fn restore(
     pos: &Position,
     tensors: &BTreeMap<String, Tensor<f32>>,
 ) -> Result<()> {
+    restore_rank(path, state, pos, tensors, 0, 1)
+}
+
+/// [`restore`] for rank `rank` of a run of `world` ranks: the queue comes from
+/// `queue.rank{rank}` when the checkpoint was written by several ranks. The world size must be
+/// the checkpoint's (the queues are per rank).
+pub fn restore_rank(
+    path: &Path,
+    state: &mut MethodState,
+    pos: &Position,
+    tensors: &BTreeMap<String, Tensor<f32>>,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    if pos.world_size != world {
+        return Err(Error::Format {
+            path: path.display().to_string(),
+            detail: format!(
+                "written by a run of {} ranks, resumed with {world}; resume with the same \
+                 number of processes (the queues and the data shards are per rank)",
+                pos.world_size
+            ),
+        });
+    }
     let src = path.display().to_string();
     let strict = ImportOptions::strict();
     match state {
@@ -180,9 +238,14 @@ pub fn restore(
                 .collect();
             s.lars.set_buffers(bufs);
             if let Some(q) = s.queue.as_mut() {
-                let t = tensors.get("queue").ok_or_else(|| Error::Format {
+                let key = if world > 1 {
+                    format!("queue.rank{rank}")
+                } else {
+                    "queue".to_string()
+                };
+                let t = tensors.get(&key).ok_or_else(|| Error::Format {
                     path: path.display().to_string(),
-                    detail: "missing tensor \"queue\"".into(),
+                    detail: format!("missing tensor {key:?}"),
                 })?;
                 let restored = Queue::from_tensor(t)?;
                 if restored.shape() != q.shape() {

@@ -6,9 +6,14 @@
 //! 18 (teacher, student) pairs and the labelled cross-entropy, weighted by their shares of the
 //! batch; the centre update; AdamW with the two groups, the cosine learning rate and the cosine
 //! weight decay; then the teacher EMA with the cosine momentum.
+//!
+//! Data parallel: the centre is the mean over every rank's teacher rows, the metrics and the
+//! gradients are averaged over the ranks before AdamW, so every rank's student and teacher stay
+//! identical (the ViT has no BatchNorm to synchronise).
 
 use super::config::{Method, TrainConfig};
 use super::metrics::{topk_correct, StepMetrics};
+use super::run::{average_gradients, average_metrics};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
 };
@@ -144,7 +149,12 @@ impl DainoState {
             crops.extend(u.views.iter().cloned());
         }
         // Drop-path masks: one stream per iteration, so a resumed run draws the same masks.
+        // Each rank draws its own masks (its rows are different samples); rank 0 keeps the
+        // one-process stream.
         let mut rng = Rng::named(cfg.seed, "drop_path").fork(it as u64);
+        if comm.rank() > 0 {
+            rng = rng.fork(comm.rank() as u64);
+        }
         let (out, cache) = self
             .student
             .forward(&self.student_store, &crops, Some(&mut rng))?;
@@ -208,10 +218,15 @@ impl DainoState {
         let (c1, c5) = topk_correct(&clean, &lab.labels)?;
         metrics.add("train_lab_acc1", 100.0 * c1 / lab_clean as f64);
         metrics.add("train_lab_acc5", 100.0 * c5 / lab_clean as f64);
+        // Averaged over the ranks before the check: every rank reaches the same verdict.
+        let mut metrics = average_metrics(&metrics, comm)?;
         metrics.check_finite(it)?;
 
         self.student
             .backward(&mut self.student_store, cache, &dlogits)?;
+        // DDP: the mean of the ranks' gradients of their per-rank mean losses is the gradient
+        // of the global-batch loss.
+        average_gradients(&mut self.student_store, comm)?;
         if epoch < cfg.freeze_last_layer {
             for id in [self.student.head.weight_g, self.student.head.weight_v] {
                 let e = self.student_store.entry_mut(id);

@@ -3,6 +3,16 @@
 //! An epoch is one pass over the unlabelled set (spec §1.10: `N = floor(ceil(n / world) / bs)`
 //! iterations); each iteration also takes the next batch of the endlessly cycling labelled
 //! loader. The supervised baseline runs the same iterations on the labelled batches alone.
+//!
+//! Data parallel (DDP semantics): [`train`] joins the ranks of the environment (torchrun or
+//! Slurm variables; one rank without them), [`train_with`] takes any communicator (the tests
+//! run ranks as threads of a [`LocalGroup`](crate::dist::LocalGroup)). Rank 0's initial weights
+//! are broadcast; each rank reads its shard of the data (DistributedSampler semantics), so an
+//! epoch has `floor(ceil(n / world) / bs)` iterations; each step synchronises BN statistics,
+//! Sinkhorn and the DINO centre, and averages the metrics and gradients over the ranks. Only
+//! rank 0 writes the run folder (config, metrics, checkpoints, final weights, summary),
+//! evaluates and prints; every rank's Suave queue is gathered into rank 0's checkpoint
+//! (`queue.rank{r}`) and a resume on the same world size gives each rank its own back.
 
 use super::checkpoint::{self, MethodState, Position};
 use super::config::{Method, TrainConfig};
@@ -15,12 +25,16 @@ use crate::data::{
     BadInput, BatchKind, CyclingLoader, Dataset, EpochLoader, LabelSpec, LoaderConfig,
     SemiSupervised,
 };
+use crate::dist::env::DistEnv;
+use crate::dist::tcp::{TcpConfig, TcpGroup};
 use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::io::import::{
     dino_init, load_into, read_dino_init, read_swav_init, swav_init, ImportOptions,
 };
 use crate::io::safetensors::{read_tensors, save_store, save_stores};
+use crate::nn::ParamStore;
+use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -225,6 +239,148 @@ fn apply_init(cfg: &TrainConfig, state: &mut MethodState) -> Result<()> {
     Ok(())
 }
 
+/// Elements per all-reduce when averaging gradients: bounds the host groups' staging buffers
+/// (they widen to f64) to a few tens of MB whatever the model size.
+const GRAD_CHUNK: usize = 1 << 22;
+
+/// Replaces every trainable parameter's gradient by its mean over the ranks (DDP's all-reduce),
+/// in registration order, in chunks of at most [`GRAD_CHUNK`] elements. Nothing moves for one
+/// rank. Collective.
+pub fn average_gradients(store: &mut ParamStore, comm: &dyn Communicator) -> Result<()> {
+    if comm.world_size() <= 1 {
+        return Ok(());
+    }
+    let ids = store.trainable();
+    let mut buf: Vec<f32> = Vec::with_capacity(GRAD_CHUNK);
+    // (entry, offset in the entry) of each run of values packed into `buf`.
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    let flush = |buf: &mut Vec<f32>,
+                 spans: &mut Vec<(usize, usize, usize)>,
+                 store: &mut ParamStore|
+     -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        comm.all_reduce_mean_f32(buf)?;
+        let mut at = 0;
+        for &(e, off, n) in spans.iter() {
+            store.entries_mut()[e].grad.data_mut()[off..off + n].copy_from_slice(&buf[at..at + n]);
+            at += n;
+        }
+        buf.clear();
+        spans.clear();
+        Ok(())
+    };
+    for id in ids {
+        let len = store.grad(id).numel();
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(GRAD_CHUNK - buf.len());
+            buf.extend_from_slice(&store.grad(id).data()[off..off + n]);
+            spans.push((id.0, off, n));
+            off += n;
+            if buf.len() == GRAD_CHUNK {
+                flush(&mut buf, &mut spans, store)?;
+            }
+        }
+    }
+    flush(&mut buf, &mut spans, store)
+}
+
+/// Gives every rank rank 0's parameters and buffers (DDP's initial broadcast), so that the
+/// ranks start from one model whatever each one drew or loaded. Collective.
+pub fn broadcast_store(store: &mut ParamStore, comm: &dyn Communicator) -> Result<()> {
+    if comm.world_size() <= 1 {
+        return Ok(());
+    }
+    for e in store.entries_mut() {
+        comm.broadcast_f32(e.value.data_mut(), 0)?;
+    }
+    Ok(())
+}
+
+/// A 52-bit FNV-1a hash of the metric names, exact in f64: the ranks check with it that they
+/// average the same keys.
+fn keys_hash(m: &BTreeMap<String, f64>) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for k in m.keys() {
+        for b in k.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (h >> 12) as f64
+}
+
+/// One step's metrics averaged over the ranks (each key's mean, then the mean over ranks: the
+/// per-rank losses are means over equal batches, so this is the global-batch value). A NaN on
+/// any rank makes the mean NaN on every rank. Errors on every rank when their keys differ.
+/// Collective.
+pub fn average_metrics(m: &StepMetrics, comm: &dyn Communicator) -> Result<StepMetrics> {
+    if comm.world_size() <= 1 {
+        return Ok(m.clone());
+    }
+    let means = m.means();
+    let h = keys_hash(&means);
+    let mut buf: Vec<f64> = means.values().copied().collect();
+    buf.push(h);
+    let n = buf.len();
+    comm.all_reduce_mean_f64(&mut buf)?;
+    if buf[n - 1] != h {
+        return Err(Error::invalid(
+            "distributed training",
+            format!(
+                "the ranks recorded different metrics (this rank: {:?}); every rank must run \
+                 the same configuration",
+                means.keys().collect::<Vec<_>>()
+            ),
+        ));
+    }
+    let mut out = StepMetrics::default();
+    for (k, v) in means.keys().zip(buf) {
+        out.add(k, v);
+    }
+    Ok(out)
+}
+
+/// Makes a per-rank result collective: when any rank failed, every rank returns an error (its
+/// own, or one pointing at the failed rank's), so that no rank goes on to wait in a collective
+/// the failed one will never join. Collective.
+fn agree<T>(comm: &dyn Communicator, r: Result<T>) -> Result<T> {
+    if comm.world_size() <= 1 {
+        return r;
+    }
+    let mut flags = vec![0.0f64; comm.world_size()];
+    flags[comm.rank()] = f64::from(u8::from(r.is_err()));
+    comm.all_reduce_sum_f64(&mut flags)?;
+    let r = r?;
+    if let Some(bad) = flags.iter().position(|&f| f > 0.0) {
+        return Err(Error::invalid(
+            "distributed training",
+            format!("rank {bad} failed (its error is in its output); stopping every rank"),
+        ));
+    }
+    Ok(r)
+}
+
+/// Every rank's queue, in rank order (collective; one rank: its own). `None` without a queue.
+fn gather_queues(state: &MethodState, comm: &dyn Communicator) -> Result<Option<Vec<Tensor<f32>>>> {
+    let MethodState::Suave(s) = state else {
+        return Ok(None);
+    };
+    let Some(q) = &s.queue else {
+        return Ok(None);
+    };
+    let t = q.to_tensor();
+    let world = comm.world_size();
+    let mut all = vec![0.0f32; t.numel() * world];
+    comm.all_gather_f32(t.data(), &mut all)?;
+    all.chunks_exact(t.numel().max(1))
+        .map(|c| Tensor::from_vec(c.to_vec(), t.shape()))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 fn evaluate(
     state: &mut MethodState,
     cfg: &TrainConfig,
@@ -263,9 +419,30 @@ fn evaluate(
     Ok(acc.means())
 }
 
-/// Trains as `cfg` says, on one process. `stop` is raised by Ctrl-C: the loop then writes a
-/// checkpoint at the current position and returns with `stopped`.
-pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary> {
+/// Trains as `cfg` says, as the rank the environment names: one process without torchrun or
+/// Slurm variables, else one rank of a TCP group (`sdengine launch` sets them). `stop` is raised
+/// by Ctrl-C: the loop then writes a checkpoint at the current position and returns with
+/// `stopped`.
+pub fn train(cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary> {
+    let env = DistEnv::from_env()?;
+    if env.is_distributed() {
+        let group = TcpGroup::connect(&env, &TcpConfig::default())?;
+        train_with(cfg, opts, stop, &group)
+    } else {
+        train_with(cfg, opts, stop, &SingleProcess)
+    }
+}
+
+/// [`train`] as one rank of `comm` (every rank calls it with the same configuration; the tests
+/// run the ranks of a [`LocalGroup`](crate::dist::LocalGroup) on threads). Rank 0 writes the
+/// run folder and reports; the summary of every rank holds the averaged training metrics, rank
+/// 0's also the evaluation. A stop raised on any rank stops every rank at the same iteration.
+pub fn train_with(
+    mut cfg: TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    comm: &dyn Communicator,
+) -> Result<RunSummary> {
     cfg.validate()?;
     if cfg.device == "cuda" {
         return Err(Error::invalid(
@@ -273,23 +450,31 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
             "training on CUDA is not wired into the trainer yet (the CUDA kernels and runtime are checked by `sdengine device-check`); use --device cpu or auto",
         ));
     }
-    prepare_output(&cfg, opts)?;
-    let comm = SingleProcess;
     let world = comm.world_size();
     let rank = comm.rank();
+    let lead = rank == 0;
+    let quiet = opts.quiet || !lead;
+    let prepared = if lead {
+        prepare_output(&cfg, opts)
+    } else {
+        Ok(())
+    };
+    agree(comm, prepared)?;
 
     // Resume: the checkpoint's settings win; only harmless ones may change.
     let ckpt_path = cfg.output.join(CHECKPOINT);
     let resumed = if opts.resume {
-        let (pos, tensors) = checkpoint::read_position(&ckpt_path)?;
-        let diff = differing_settings(&cfg, &pos.config);
-        if !diff.is_empty() {
-            return Err(Error::invalid(
-                "--resume",
-                format!("settings differ from the checkpoint's: {}", diff.join("; ")),
-            ));
-        }
-        Some((pos, tensors))
+        let read = checkpoint::read_position(&ckpt_path).and_then(|(pos, tensors)| {
+            let diff = differing_settings(&cfg, &pos.config);
+            if !diff.is_empty() {
+                return Err(Error::invalid(
+                    "--resume",
+                    format!("settings differ from the checkpoint's: {}", diff.join("; ")),
+                ));
+            }
+            Ok((pos, tensors))
+        });
+        Some(agree(comm, read)?)
     } else {
         None
     };
@@ -364,18 +549,32 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
     };
     let (mut epoch, mut batch, mut step, mut epoch_metrics) = (0, 0, 0, StepMetrics::default());
     if let Some((pos, tensors)) = &resumed {
-        checkpoint::restore(&ckpt_path, &mut state, pos, tensors)?;
+        let restored = checkpoint::restore_rank(&ckpt_path, &mut state, pos, tensors, rank, world);
+        agree(comm, restored)?;
         epoch = pos.epoch;
         batch = pos.batch;
         step = pos.step;
         epoch_metrics = pos.epoch_metrics.clone();
         lab_loader.seek(pos.lab_epoch, pos.lab_batch)?;
     } else {
-        apply_init(&cfg, &mut state)?;
-        let json = serde_json::to_string_pretty(&cfg)
-            .map_err(|e| Error::invalid("config", e.to_string()))?;
-        let p = cfg.output.join(CONFIG);
-        std::fs::write(&p, json).map_err(io_err(&p))?;
+        let init = apply_init(&cfg, &mut state).and_then(|()| {
+            if !lead {
+                return Ok(());
+            }
+            let json = serde_json::to_string_pretty(&cfg)
+                .map_err(|e| Error::invalid("config", e.to_string()))?;
+            let p = cfg.output.join(CONFIG);
+            std::fs::write(&p, json).map_err(io_err(&p))
+        });
+        agree(comm, init)?;
+    }
+    // One model on every rank: rank 0's weights and buffers (DDP's initial broadcast).
+    match &mut state {
+        MethodState::Suave(s) => broadcast_store(&mut s.store, comm)?,
+        MethodState::Daino(d) => {
+            broadcast_store(&mut d.student_store, comm)?;
+            broadcast_store(&mut d.teacher_store, comm)?;
+        }
     }
     let metrics_path = cfg.output.join(METRICS);
     let position = |epoch, batch, step, lab: &CyclingLoader, m: &StepMetrics| {
@@ -390,10 +589,23 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
             epoch_metrics: m.clone(),
             adamw_steps: BTreeMap::new(),
             config: cfg.clone(),
+            world_size: world,
         }
     };
+    // Collective (the queues are gathered); rank 0 writes, and every rank learns whether it
+    // could.
     let save = |state: &MethodState, pos: &Position| -> Result<()> {
-        checkpoint::save(&ckpt_path, state, pos)
+        let queues = if world > 1 {
+            gather_queues(state, comm)?
+        } else {
+            None
+        };
+        let written = if lead {
+            checkpoint::save_ranks(&ckpt_path, state, pos, queues.as_deref())
+        } else {
+            Ok(())
+        };
+        agree(comm, written)
     };
     let images_per_step = cfg.lab_batch_size
         + if cfg.method == Method::Supervised {
@@ -403,7 +615,7 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
         };
     let mut last = BTreeMap::new();
     let mut stopped = false;
-    if step == 0 && !opts.quiet {
+    if step == 0 && !quiet {
         eprintln!(
             "{} on {} ({} classes; {} unlabelled, {} labelled, {} val images): {} epochs x {} iterations, arch {}",
             cfg.method.name(),
@@ -430,13 +642,17 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
                 batch,
             )?)
         };
-        let mut progress = Progress::new(
-            iters,
-            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
-            opts.quiet,
-        );
+        let mut progress =
+            Progress::new(iters, &format!("epoch {}/{}", epoch + 1, cfg.epochs), quiet);
         while batch < iters {
-            if stop.load(Ordering::Relaxed) || cfg.max_steps.is_some_and(|m| step >= m) {
+            let mut halt = stop.load(Ordering::Relaxed);
+            if world > 1 {
+                // Ctrl-C may reach one rank only: stop all of them at the same iteration.
+                let mut f = [f64::from(u8::from(halt))];
+                comm.all_reduce_sum_f64(&mut f)?;
+                halt = f[0] > 0.0;
+            }
+            if halt || cfg.max_steps.is_some_and(|m| step >= m) {
                 stopped = true;
                 break 'epochs;
             }
@@ -448,8 +664,8 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
             };
             let lab = lab_loader.next_batch()?;
             let r = match &mut state {
-                MethodState::Suave(s) => s.step(&cfg, unlab.as_ref(), &lab, step, epoch, &comm),
-                MethodState::Daino(d) => d.step(&cfg, unlab.as_ref(), &lab, step, epoch, &comm),
+                MethodState::Suave(s) => s.step(&cfg, unlab.as_ref(), &lab, step, epoch, comm),
+                MethodState::Daino(d) => d.step(&cfg, unlab.as_ref(), &lab, step, epoch, comm),
             };
             let m = match r {
                 Ok(m) => m,
@@ -470,7 +686,7 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
             batch += 1;
             let loss = m.get("train_loss").unwrap_or(f64::NAN);
             progress.update(batch, &[("loss", loss)], images_per_step);
-            if step % cfg.log_every == 0 {
+            if lead && step % cfg.log_every == 0 {
                 let mut means = m.means();
                 means.insert("bad_inputs".into(), bad.skipped() as f64);
                 append_jsonl(
@@ -488,12 +704,16 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
         let mut line = epoch_metrics.means();
         let last_epoch = epoch + 1 == cfg.epochs;
         if let Some(val) = &val_set {
-            if (epoch + 1) % cfg.eval_every == 0 || last_epoch {
-                line.extend(evaluate(&mut state, &cfg, val, &bad, opts.quiet)?);
+            // Rank 0 evaluates the whole set (the model is the same on every rank); the others
+            // wait for it in the next collective.
+            if lead && ((epoch + 1) % cfg.eval_every == 0 || last_epoch) {
+                line.extend(evaluate(&mut state, &cfg, val, &bad, quiet)?);
             }
         }
-        append_jsonl(&metrics_path, (epoch + 1) as f64, step, &line)?;
-        if !opts.quiet {
+        if lead {
+            append_jsonl(&metrics_path, (epoch + 1) as f64, step, &line)?;
+        }
+        if !quiet {
             let show: Vec<String> = [
                 "train_loss",
                 "val_acc1",
@@ -511,7 +731,10 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
         epoch_metrics = StepMetrics::default();
         let pos = position(epoch, 0, step, &lab_loader, &epoch_metrics);
         save(&state, &pos)?;
-        if cfg.checkpoint_freq > 0 && (epoch % cfg.checkpoint_freq == 0 || epoch == cfg.epochs) {
+        if lead
+            && cfg.checkpoint_freq > 0
+            && (epoch % cfg.checkpoint_freq == 0 || epoch == cfg.epochs)
+        {
             let dir = cfg.output.join("checkpoints");
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             let copy = dir.join(format!("ckp-{epoch}.safetensors"));
@@ -521,13 +744,13 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
     if stopped {
         let pos = position(epoch, batch, step, &lab_loader, &epoch_metrics);
         save(&state, &pos)?;
-        if !opts.quiet {
+        if !quiet {
             eprintln!(
                 "stopped at epoch {epoch}, iteration {step}; checkpoint {} (continue with --resume)",
                 ckpt_path.display()
             );
         }
-    } else {
+    } else if lead {
         // Final weights under the official names, for `sdengine export` and `--init`.
         let fin = cfg.output.join(FINAL);
         let meta = BTreeMap::from([("method".to_string(), cfg.method.name().to_string())]);
@@ -552,7 +775,9 @@ pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Resu
         let p = cfg.output.join(SUMMARY);
         std::fs::write(&p, summary.to_string()).map_err(io_err(&p))?;
     }
-    if bad.skipped() > 0 && !opts.quiet {
+    // Nobody leaves before rank 0 has written the run's last files.
+    comm.barrier()?;
+    if bad.skipped() > 0 && !quiet {
         eprintln!(
             "{} unreadable images were skipped and replaced",
             bad.skipped()
@@ -599,11 +824,14 @@ pub fn evaluate_run(run: &Path, data: Option<&Path>) -> Result<BTreeMap<String, 
         ));
     }
     let mut state = if cfg.arch.is_resnet() {
-        MethodState::Suave(Box::new(SuaveState::new(&cfg, 1, 1)?))
+        let mut s = SuaveState::new(&cfg, 1, 1)?;
+        // Evaluation needs no queue (and a multi-rank checkpoint holds one per rank).
+        s.queue = None;
+        MethodState::Suave(Box::new(s))
     } else {
         MethodState::Daino(Box::new(DainoState::new(&cfg, 1, 1)?))
     };
-    checkpoint::restore(&ckpt, &mut state, &pos, &tensors)?;
+    checkpoint::restore_rank(&ckpt, &mut state, &pos, &tensors, 0, pos.world_size)?;
     let bad = Arc::new(BadInput::default());
     evaluate(&mut state, &cfg, &Arc::new(val), &bad, false)
 }

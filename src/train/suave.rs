@@ -7,9 +7,14 @@
 //! swapped-prediction, labelled, mixed and online-head terms with their §1.8 weights; one
 //! backward; LARS with the per-iteration cosine rate. The supervised baseline runs the same
 //! network on the labelled batch alone with the labelled and online terms.
+//!
+//! Data parallel: with a communicator of several ranks, every BN is a SyncBatchNorm, Sinkhorn
+//! sums over the ranks' rows (and their queues), the metrics and then the gradients are
+//! averaged over the ranks before LARS, so that every rank takes the same step.
 
 use super::config::{Method, TrainConfig};
 use super::metrics::{argmax_rows, topk_correct, StepMetrics};
+use super::run::{average_gradients, average_metrics};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
 };
@@ -203,7 +208,9 @@ impl SuaveState {
                 }
             }
         }
-        let (out, cache) = self.net.forward(&mut self.store, &inputs, true)?;
+        let (out, cache) = self
+            .net
+            .forward_with(&mut self.store, &inputs, true, comm)?;
         if out.scores.dim(0) != layout.total() {
             return Err(Error::shape(
                 OP,
@@ -348,10 +355,13 @@ impl SuaveState {
         let (c1, c5) = topk_correct(&clean_scores, &lab.labels)?;
         metrics.add("train_lab_acc1", 100.0 * c1 / lab_clean as f64);
         metrics.add("train_lab_acc5", 100.0 * c5 / lab_clean as f64);
+        // Averaged over the ranks BEFORE the check, so that every rank sees the same verdict
+        // and none is left waiting in the backward's collectives.
+        let mut metrics = average_metrics(&metrics, comm)?;
         metrics.check_finite(it)?;
 
         let online_refs = online_grads.as_ref().map(|g| [&g[0], &g[1], &g[2]]);
-        self.net.backward(
+        self.net.backward_with(
             &mut self.store,
             cache,
             SuaveGrads {
@@ -359,7 +369,11 @@ impl SuaveState {
                 embedding: None,
                 online: online_refs,
             },
+            comm,
         )?;
+        // DDP: every rank's loss is a mean over its own rows, so the mean of the ranks'
+        // gradients is the gradient of the global-batch loss.
+        average_gradients(&mut self.store, comm)?;
         let lr = self.lr.at(it)?;
         let proto = self.net.head.prototypes.weight;
         let frozen = it < cfg.freeze_prototypes_niters;

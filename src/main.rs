@@ -312,8 +312,11 @@ fn train(args: &TrainArgs, finetune: bool) -> Result<()> {
         })
         .context("installing the Ctrl-C handler")?;
     }
+    // Under `sdengine launch` / Slurm every rank runs this; only rank 0 reports and runs the
+    // baseline (a bad rank environment is reported by the trainer itself).
+    let lead = sdengine::dist::env::DistEnv::from_env().map_or(true, |e| e.rank == 0);
     let embedded = cfg.data_path.is_none();
-    let baseline = embedded && cfg.method != Method::Supervised && !args.no_baseline;
+    let baseline = lead && embedded && cfg.method != Method::Supervised && !args.no_baseline;
     let base_cfg = baseline.then(|| {
         let mut b = cfg.clone();
         b.method = Method::Supervised;
@@ -321,7 +324,9 @@ fn train(args: &TrainArgs, finetune: bool) -> Result<()> {
         b
     });
     let s = sdengine::train::train(cfg, &opts, &stop)?;
-    print_result(&s);
+    if lead {
+        print_result(&s);
+    }
     if s.stopped {
         if stop.load(Ordering::SeqCst) {
             std::process::exit(130);

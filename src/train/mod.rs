@@ -13,4 +13,4 @@ pub mod run;
 pub mod suave;
 
 pub use config::{Arch, Method, TrainConfig};
-pub use run::{train, RunOptions, RunSummary};
+pub use run::{train, train_with, RunOptions, RunSummary};

@@ -19,6 +19,7 @@ pub mod context;
 pub mod cublaslt;
 pub mod cudnn;
 pub mod device;
+pub mod families;
 pub mod module;
 pub mod nvjpeg;
 
@@ -27,6 +28,8 @@ pub use check::{run_check, CheckOptions, CheckReport, CheckRow};
 pub use context::Gpu;
 pub use device::{gpu_available, probe, DeviceChoice, DeviceInfo, Probe};
 pub use module::{Kernel, LaunchDims};
+/// The trait that gives kernel launch builders their `.arg(..)` method.
+pub use cudarc::driver::PushKernelArg;
 
 use crate::error::Error;
 

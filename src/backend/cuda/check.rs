@@ -488,6 +488,7 @@ fn gemm_row(c: &mut Checker<'_>, id: &str, g: Gemm, f32_out: bool) {
         "out": if f32_out { "f32" } else { "bf16" },
         "bias": matches!(g.epilogue, Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu),
         "gelu": matches!(g.epilogue, Epilogue::BiasGelu | Epilogue::Gelu),
+        "relu": matches!(g.epilogue, Epilogue::BiasRelu),
     });
     c.row("gemm", id, shape, torch, |c| {
         let a = round_bf16(&random(&format!("{id}.a"), g.m * g.k));

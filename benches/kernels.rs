@@ -73,7 +73,9 @@ fn bench_gpu(c: &mut Criterion) {
             let bias = (epi != Epilogue::None).then_some(&b);
             grp.bench_function(format!("gemm_{name}"), |bch| {
                 bch.iter_custom(|iters| {
-                    device_time(&g, iters, || lt.matmul(&gm, &x, &w, bias, &mut y).expect("gemm"))
+                    device_time(&g, iters, || {
+                        lt.matmul(&gm, &x, &w, bias, &mut y).expect("gemm")
+                    })
                 })
             });
         }
@@ -82,11 +84,38 @@ fn bench_gpu(c: &mut Criterion) {
     }
 
     if let Ok(dnn) = g.dnn() {
-        let base = ConvShape { n: 64, h: 56, w: 56, c: 64, o: 64, kh: 3, kw: 3, stride: 1, pad: 1 };
+        let base = ConvShape {
+            n: 64,
+            h: 56,
+            w: 56,
+            c: 64,
+            o: 64,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
         for (name, s) in [
             ("conv3x3_c64", base),
-            ("conv1x1_c256_o64", ConvShape { c: 256, kh: 1, kw: 1, pad: 0, ..base }),
-            ("conv3x3_s2_c128", ConvShape { c: 128, o: 128, stride: 2, ..base }),
+            (
+                "conv1x1_c256_o64",
+                ConvShape {
+                    c: 256,
+                    kh: 1,
+                    kw: 1,
+                    pad: 0,
+                    ..base
+                },
+            ),
+            (
+                "conv3x3_s2_c128",
+                ConvShape {
+                    c: 128,
+                    o: 128,
+                    stride: 2,
+                    ..base
+                },
+            ),
         ] {
             let x = g.upload_bf16(&random("cx", s.x_len())).expect("upload");
             let w = g.upload_bf16(&random("cw", s.w_len())).expect("upload");
@@ -97,20 +126,24 @@ fn bench_gpu(c: &mut Criterion) {
             let pool = g.pool();
             grp.bench_function(format!("{name}_fwd"), |bch| {
                 bch.iter_custom(|iters| {
-                    device_time(&g, iters, || dnn.conv2d_forward(pool, &s, &x, &w, &mut y).expect("fwd"))
+                    device_time(&g, iters, || {
+                        dnn.conv2d_forward(pool, &s, &x, &w, &mut y).expect("fwd")
+                    })
                 })
             });
             grp.bench_function(format!("{name}_dgrad"), |bch| {
                 bch.iter_custom(|iters| {
                     device_time(&g, iters, || {
-                        dnn.conv2d_backward_data(pool, &s, &w, &dy, &mut dx).expect("dgrad")
+                        dnn.conv2d_backward_data(pool, &s, &w, &dy, &mut dx)
+                            .expect("dgrad")
                     })
                 })
             });
             grp.bench_function(format!("{name}_wgrad"), |bch| {
                 bch.iter_custom(|iters| {
                     device_time(&g, iters, || {
-                        dnn.conv2d_backward_filter(pool, &s, &x, &dy, &mut dw).expect("wgrad")
+                        dnn.conv2d_backward_filter(pool, &s, &x, &dy, &mut dw)
+                            .expect("wgrad")
                     })
                 })
             });
@@ -130,7 +163,8 @@ fn bench_gpu(c: &mut Criterion) {
                     let mut b = k.builder(g.stream());
                     b.arg(&a).arg(&xp).arg(&yp).arg(&nn);
                     // SAFETY: (float, const float*, float*, u64); both buffers hold n floats.
-                    unsafe { k.launch(&mut b, LaunchDims::linear(n, 256, 132 * 16)) }.expect("launch")
+                    unsafe { k.launch(&mut b, LaunchDims::linear(n, 256, 132 * 16)) }
+                        .expect("launch")
                 })
             })
         });

@@ -11,7 +11,8 @@
 #     torch/lib, and /usr/local/cuda/lib64 when present;
 #   - a libnccl.so -> libnccl.so.2 symlink in a temporary folder (pip's NCCL ships only the .so.2
 #     name; cudarc looks for libnccl.so);
-#   - SDENGINE_CUDA_INCLUDE: the CUDA headers, for kernels compiled at run time with NVRTC.
+#   - SDENGINE_CUDA_INCLUDE: the CUDA headers, for kernels compiled at run time with NVRTC;
+#   - SDENGINE_NVJPEG: torchvision's bundled nvJPEG when no libnvjpeg.so.N is on the path.
 #
 # Usage: scripts/device-check.sh [--quick] [--no-torch] [extra args for `sdengine device-check`]
 # Environment: SDENGINE_BIN (default target/release/sdengine), PYTHON (default python3),
@@ -54,14 +55,32 @@ while IFS= read -r s; do
   for d in "$s"/nvidia/*/lib "$s"/torch/lib; do
     [ -d "$d" ] && LIBDIRS+=("$d")
   done
-  for d in "$s"/nvidia/cu13/include "$s"/nvidia/cuda_runtime/include "$s"/nvidia/*/include; do
-    [ -f "$d/cuda_bf16.h" ] || [ -f "$d/cuda_runtime.h" ] && INCLUDES+=("$d")
+  for d in "$s"/nvidia/*/include; do
+    { [ -f "$d/cuda_bf16.h" ] || [ -f "$d/cuda_runtime.h" ]; } && INCLUDES+=("$d")
   done
 done <<< "$SITES"
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && LIBDIRS+=("$d")
 done
 [ -d /usr/local/cuda/include ] && INCLUDES+=("/usr/local/cuda/include")
+
+# nvJPEG: the toolkit's or a pip wheel's libnvjpeg.so.N if on the path, else the copy torchvision
+# bundles under a hashed name (passed to the engine as a file path).
+HAVE_NVJPEG=0
+for d in "${LIBDIRS[@]}"; do
+  compgen -G "$d/libnvjpeg.so*" >/dev/null && HAVE_NVJPEG=1
+done
+if [ $HAVE_NVJPEG -eq 0 ]; then
+  while IFS= read -r s; do
+    [ -n "$s" ] || continue
+    for f in "$s"/torchvision.libs/libnvjpeg*.so*; do
+      if [ -f "$f" ] && [ -z "${SDENGINE_NVJPEG:-}" ]; then
+        export SDENGINE_NVJPEG="$f"
+        LIBDIRS+=("$s/torchvision.libs")
+      fi
+    done
+  done <<< "$SITES"
+fi
 
 # pip's NCCL has only libnccl.so.2; cudarc opens libnccl.so.
 for d in "${LIBDIRS[@]}"; do
@@ -73,7 +92,7 @@ done
 join() { local IFS=:; echo "$*"; }
 export LD_LIBRARY_PATH="$TMP${LIBDIRS[*]:+:$(join "${LIBDIRS[@]}")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 [ ${#INCLUDES[@]} -gt 0 ] && export SDENGINE_CUDA_INCLUDE="$(join "${INCLUDES[@]}")"
-echo "device-check: ${#LIBDIRS[@]} library folders on LD_LIBRARY_PATH; NVRTC includes: ${SDENGINE_CUDA_INCLUDE:-none}" >&2
+echo "device-check: ${#LIBDIRS[@]} library folders on LD_LIBRARY_PATH; NVRTC includes: ${SDENGINE_CUDA_INCLUDE:-none}; nvJPEG: ${SDENGINE_NVJPEG:-loader path}" >&2
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >&2
 
 # --- engine half -------------------------------------------------------------------------------

@@ -122,6 +122,21 @@ def torch_op(torch, F, spec):
         datas = [read_file(f) for f in files]
         decode_jpeg(datas, device="cuda")
         return lambda: decode_jpeg(datas, device="cuda")
+    if kind == "softmax_ce":
+        b, k = int(spec["b"]), int(spec["k"])
+        tau, ls = float(spec["tau"]), float(spec["ls"])
+        z = rnd(torch, (b, k), bf16)
+        t = torch.softmax(rnd(torch, (b, k), torch.float32) * 4, dim=1)
+        if spec["dir"] == "fwd":
+            return lambda: F.cross_entropy(z.float() / tau, t, label_smoothing=ls)
+        if spec["dir"] == "fwdbwd":
+            def fwdbwd():
+                zz = z.detach().requires_grad_(True)
+                loss = F.cross_entropy(zz.float() / tau, t, label_smoothing=ls)
+                loss.backward()
+                return zz.grad
+            return fwdbwd
+        return None
     if kind == "sinkhorn":
         b, k = int(spec["b"]), int(spec["k"])
         scores = F.normalize(rnd(torch, (b, 128), torch.float32), dim=1) @ F.normalize(

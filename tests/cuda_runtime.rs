@@ -41,14 +41,19 @@ fn detection_never_panics_and_explains_itself() {
         assert!(e.contains("no GPU cuda:0"), "{e}");
     } else {
         let d = &p.devices[0];
-        assert!(!d.name.is_empty() && d.total_mem > 0 && d.compute_capability.0 >= 5, "{d:?}");
+        assert!(
+            !d.name.is_empty() && d.total_mem > 0 && d.compute_capability.0 >= 5,
+            "{d:?}"
+        );
         assert!(p.driver_version.is_some_and(|v| v >= 11000));
     }
 }
 
 #[test]
 fn uploads_round_trip_and_the_allocator_reuses_blocks() {
-    let Some(g) = gpu("uploads_round_trip") else { return };
+    let Some(g) = gpu("uploads_round_trip") else {
+        return;
+    };
     let x = random("rt.x", 10_007);
     let d = g.upload(&x).unwrap();
     assert_eq!(g.download(&d).unwrap(), x);
@@ -63,7 +68,10 @@ fn uploads_round_trip_and_the_allocator_reuses_blocks() {
     let before = g.alloc_stats();
     let again = g.upload(&x).unwrap();
     let after = g.alloc_stats();
-    assert_eq!(after.misses, before.misses, "a freed block of the same class should be reused");
+    assert_eq!(
+        after.misses, before.misses,
+        "a freed block of the same class should be reused"
+    );
     assert_eq!(after.hits, before.hits + 1);
     drop(again);
     assert!(g.trim() > 0);
@@ -71,12 +79,16 @@ fn uploads_round_trip_and_the_allocator_reuses_blocks() {
 
 #[test]
 fn runtime_kernel_matches_the_cpu_and_bad_launches_name_themselves() {
-    let Some(g) = gpu("runtime_kernel") else { return };
+    let Some(g) = gpu("runtime_kernel") else {
+        return;
+    };
     if !cuda::probe().nvrtc {
         println!("SKIP runtime_kernel: NVRTC not found");
         return;
     }
-    let k = g.kernel(cuda::module::RUNTIME_MODULE.name, "axpy_f32").unwrap();
+    let k = g
+        .kernel(cuda::module::RUNTIME_MODULE.name, "axpy_f32")
+        .unwrap();
     // 1000 elements over a grid smaller than needed: the grid-stride loop must cover the rest.
     let n = 1000usize;
     let x = random("k.x", n);
@@ -98,9 +110,15 @@ fn runtime_kernel_matches_the_cpu_and_bad_launches_name_themselves() {
         shared_bytes: 0,
     };
     let e = unsafe { k.launch(&mut b, bad) }.unwrap_err().to_string();
-    assert!(e.contains("sdengine_runtime::axpy_f32") && e.contains("block (2048,1,1)"), "{e}");
+    assert!(
+        e.contains("sdengine_runtime::axpy_f32") && e.contains("block (2048,1,1)"),
+        "{e}"
+    );
     // Unknown functions and modules are named too.
-    let e = g.kernel(cuda::module::RUNTIME_MODULE.name, "nope").unwrap_err().to_string();
+    let e = g
+        .kernel(cuda::module::RUNTIME_MODULE.name, "nope")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("'nope'"), "{e}");
 }
 
@@ -111,8 +129,15 @@ fn gemm_case(g: &Gpu, gm: Gemm, f32_out: bool) -> f64 {
     let b = round_bf16(&random(&format!("{tag}b"), gm.k * gm.n));
     let bias = round_bf16(&random(&format!("{tag}bias"), gm.n));
     let c0 = round_bf16(&random(&format!("{tag}c"), gm.m * gm.n));
-    let has_bias = matches!(gm.epilogue, Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu);
-    let mut want = if gm.accumulate { c0.clone() } else { vec![0.0; gm.m * gm.n] };
+    let has_bias = matches!(
+        gm.epilogue,
+        Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu
+    );
+    let mut want = if gm.accumulate {
+        c0.clone()
+    } else {
+        vec![0.0; gm.m * gm.n]
+    };
     if has_bias {
         for row in want.chunks_exact_mut(gm.n) {
             for (v, &bb) in row.iter_mut().zip(&bias) {
@@ -120,7 +145,9 @@ fn gemm_case(g: &Gpu, gm: Gemm, f32_out: bool) -> f64 {
             }
         }
     }
-    cpu::matmul::matmul(gm.m, gm.n, gm.k, &a, gm.trans_a, &b, gm.trans_b, &mut want, true);
+    cpu::matmul::matmul(
+        gm.m, gm.n, gm.k, &a, gm.trans_a, &b, gm.trans_b, &mut want, true,
+    );
     let want = match gm.epilogue {
         Epilogue::BiasGelu | Epilogue::Gelu => {
             cpu::elementwise::gelu_forward(&Tensor::from_vec(want, &[gm.m, gm.n]).unwrap())
@@ -142,7 +169,8 @@ fn gemm_case(g: &Gpu, gm: Gemm, f32_out: bool) -> f64 {
         g.download(&c).unwrap()
     } else {
         let mut c = g.upload_bf16(&c0).unwrap();
-        lt.matmul(&gm, &ad, &bd, has_bias.then_some(&biasd), &mut c).unwrap();
+        lt.matmul(&gm, &ad, &bd, has_bias.then_some(&biasd), &mut c)
+            .unwrap();
         g.download_bf16(&c).unwrap()
     };
     rel_l2(&got, &want)
@@ -150,7 +178,9 @@ fn gemm_case(g: &Gpu, gm: Gemm, f32_out: bool) -> f64 {
 
 #[test]
 fn cublaslt_gemms_match_the_cpu_in_row_major_layout() {
-    let Some(g) = gpu("cublaslt_gemms") else { return };
+    let Some(g) = gpu("cublaslt_gemms") else {
+        return;
+    };
     if !cuda::probe().cublaslt {
         println!("SKIP cublaslt_gemms: cuBLASLt not found");
         return;
@@ -167,20 +197,33 @@ fn cublaslt_gemms_match_the_cpu_in_row_major_layout() {
     // Every transpose combination on non-square odd shapes: a wrong leading dimension or a swapped
     // operand gives O(1) errors, not rounding.
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-        let gm = Gemm { trans_a: ta, trans_b: tb, ..base };
+        let gm = Gemm {
+            trans_a: ta,
+            trans_b: tb,
+            ..base
+        };
         let e = gemm_case(&g, gm, false);
         assert!(e < 1e-2, "{gm:?}: rel err {e}");
         let e = gemm_case(&g, gm, true);
         assert!(e < 1e-4, "{gm:?} f32 out: rel err {e}");
     }
     // Linear layers with fused epilogues ([out, in] weights, bias per output column).
-    for epi in [Epilogue::Bias, Epilogue::BiasGelu, Epilogue::BiasRelu, Epilogue::Gelu] {
+    for epi in [
+        Epilogue::Bias,
+        Epilogue::BiasGelu,
+        Epilogue::BiasRelu,
+        Epilogue::Gelu,
+    ] {
         let gm = Gemm::linear(50, 96, 136, epi);
         let e = gemm_case(&g, gm, false);
         assert!(e < 1e-2, "{gm:?}: rel err {e}");
     }
     // Accumulation (C += A·B) into fp32, as weight gradients are summed over micro-batches.
-    let acc = Gemm { accumulate: true, trans_a: true, ..base };
+    let acc = Gemm {
+        accumulate: true,
+        trans_a: true,
+        ..base
+    };
     let e = gemm_case(&g, acc, true);
     assert!(e < 1e-4, "{acc:?}: rel err {e}");
     // The same shape twice reuses its plan.
@@ -192,7 +235,9 @@ fn cublaslt_gemms_match_the_cpu_in_row_major_layout() {
 
 #[test]
 fn linear_forward_matches_the_cpu_linear_layer() {
-    let Some(g) = gpu("linear_forward") else { return };
+    let Some(g) = gpu("linear_forward") else {
+        return;
+    };
     if !cuda::probe().cublaslt {
         println!("SKIP linear_forward: cuBLASLt not found");
         return;
@@ -213,25 +258,80 @@ fn linear_forward_matches_the_cpu_linear_layer() {
         g.upload_bf16(&b).unwrap(),
     );
     let mut yd = g.alloc::<bf16>(rows * out).unwrap();
-    g.lt().unwrap().linear_forward(&xd, &wd, Some(&bd), false, rows, inp, out, &mut yd).unwrap();
+    g.lt()
+        .unwrap()
+        .linear_forward(&xd, &wd, Some(&bd), false, rows, inp, out, &mut yd)
+        .unwrap();
     let e = rel_l2(&g.download_bf16(&yd).unwrap(), want.data());
     assert!(e < 1e-2, "rel err {e}");
 }
 
 #[test]
 fn cudnn_convolutions_match_the_cpu_backend() {
-    let Some(g) = gpu("cudnn_convolutions") else { return };
+    let Some(g) = gpu("cudnn_convolutions") else {
+        return;
+    };
     if !cuda::probe().cudnn {
         println!("SKIP cudnn_convolutions: cuDNN not found");
         return;
     }
     let dnn = g.dnn().unwrap();
     let cases = [
-        ConvShape { n: 2, h: 9, w: 11, c: 16, o: 24, kh: 3, kw: 3, stride: 1, pad: 1 },
-        ConvShape { n: 3, h: 12, w: 10, c: 32, o: 16, kh: 3, kw: 3, stride: 2, pad: 1 },
-        ConvShape { n: 2, h: 8, w: 8, c: 64, o: 32, kh: 1, kw: 1, stride: 1, pad: 0 },
-        ConvShape { n: 2, h: 10, w: 10, c: 32, o: 64, kh: 1, kw: 1, stride: 2, pad: 0 },
-        ConvShape { n: 1, h: 32, w: 32, c: 8, o: 16, kh: 7, kw: 7, stride: 2, pad: 3 },
+        ConvShape {
+            n: 2,
+            h: 9,
+            w: 11,
+            c: 16,
+            o: 24,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        },
+        ConvShape {
+            n: 3,
+            h: 12,
+            w: 10,
+            c: 32,
+            o: 16,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        },
+        ConvShape {
+            n: 2,
+            h: 8,
+            w: 8,
+            c: 64,
+            o: 32,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: 0,
+        },
+        ConvShape {
+            n: 2,
+            h: 10,
+            w: 10,
+            c: 32,
+            o: 64,
+            kh: 1,
+            kw: 1,
+            stride: 2,
+            pad: 0,
+        },
+        ConvShape {
+            n: 1,
+            h: 32,
+            w: 32,
+            c: 8,
+            o: 16,
+            kh: 7,
+            kw: 7,
+            stride: 2,
+            pad: 3,
+        },
     ];
     for s in cases {
         let (oh, ow) = s.out_hw().unwrap();
@@ -242,7 +342,10 @@ fn cudnn_convolutions_match_the_cpu_backend() {
         let xt = Tensor::from_vec(x.clone(), &[s.n, s.h, s.w, s.c]).unwrap();
         let wt = Tensor::from_vec(w.clone(), &[s.o, s.kh, s.kw, s.c]).unwrap();
         let dyt = Tensor::from_vec(dy.clone(), &[s.n, oh, ow, s.o]).unwrap();
-        let p = cpu::conv::Conv2dParams { stride: s.stride, padding: s.pad };
+        let p = cpu::conv::Conv2dParams {
+            stride: s.stride,
+            padding: s.pad,
+        };
         let y = cpu::conv::conv2d_forward(&xt, &wt, None, p).unwrap();
         let gr = cpu::conv::conv2d_backward(&xt, &wt, &dyt, p, true, false).unwrap();
 
@@ -255,17 +358,28 @@ fn cudnn_convolutions_match_the_cpu_backend() {
         let mut dxd = g.alloc::<bf16>(s.x_len()).unwrap();
         let mut dwd = g.alloc::<bf16>(s.w_len()).unwrap();
         dnn.conv2d_forward(g.pool(), &s, &xd, &wd, &mut yd).unwrap();
-        dnn.conv2d_backward_data(g.pool(), &s, &wd, &dyd, &mut dxd).unwrap();
-        dnn.conv2d_backward_filter(g.pool(), &s, &xd, &dyd, &mut dwd).unwrap();
+        dnn.conv2d_backward_data(g.pool(), &s, &wd, &dyd, &mut dxd)
+            .unwrap();
+        dnn.conv2d_backward_filter(g.pool(), &s, &xd, &dyd, &mut dwd)
+            .unwrap();
         let e_y = rel_l2(&g.download_bf16(&yd).unwrap(), y.data());
-        let e_dx = rel_l2(&g.download_bf16(&dxd).unwrap(), gr.dx.as_ref().unwrap().data());
+        let e_dx = rel_l2(
+            &g.download_bf16(&dxd).unwrap(),
+            gr.dx.as_ref().unwrap().data(),
+        );
         let e_dw = rel_l2(&g.download_bf16(&dwd).unwrap(), gr.dw.data());
-        assert!(e_y < 1e-2 && e_dx < 1e-2 && e_dw < 1e-2, "{s:?}: y {e_y} dx {e_dx} dw {e_dw}");
+        assert!(
+            e_y < 1e-2 && e_dx < 1e-2 && e_dw < 1e-2,
+            "{s:?}: y {e_y} dx {e_dx} dw {e_dw}"
+        );
     }
     assert_eq!(dnn.cached_plans(), 5);
     // A second pass over a known shape makes no new plan and no new driver allocation.
     let s = cases[0];
-    let (xd, wd) = (g.upload_bf16(&random("again.x", s.x_len())).unwrap(), g.upload_bf16(&random("again.w", s.w_len())).unwrap());
+    let (xd, wd) = (
+        g.upload_bf16(&random("again.x", s.x_len())).unwrap(),
+        g.upload_bf16(&random("again.w", s.w_len())).unwrap(),
+    );
     let mut yd = g.alloc::<bf16>(s.y_len()).unwrap();
     dnn.conv2d_forward(g.pool(), &s, &xd, &wd, &mut yd).unwrap();
     let misses = g.alloc_stats().misses;
@@ -274,34 +388,51 @@ fn cudnn_convolutions_match_the_cpu_backend() {
     assert_eq!(dnn.cached_plans(), 5);
     // Wrong buffer sizes are refused before cuDNN sees them.
     let short = g.alloc::<bf16>(3).unwrap();
-    let e = dnn.conv2d_forward(g.pool(), &s, &short, &wd, &mut yd).unwrap_err().to_string();
+    let e = dnn
+        .conv2d_forward(g.pool(), &s, &short, &wd, &mut yd)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("x holds 3"), "{e}");
 }
 
 #[test]
 fn nvjpeg_decodes_like_the_cpu_decoder() {
-    let Some(g) = gpu("nvjpeg_decode") else { return };
+    let Some(g) = gpu("nvjpeg_decode") else {
+        return;
+    };
     if !nvjpeg::library_present() {
         println!("SKIP nvjpeg_decode: nvJPEG not found");
         return;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
     let names = ["q420.jpg", "q444.jpg", "gray.jpg", "progressive.jpg"];
-    let bytes: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(dir.join(n)).unwrap()).collect();
+    let bytes: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).unwrap())
+        .collect();
     let slices: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
     let mut dec = JpegDecoder::new(&g).unwrap();
     let out = dec.decode_batch(&g, &slices).unwrap();
     for ((img, b), name) in out.iter().zip(&bytes).zip(names) {
         let want = sdengine::data::decode_bytes(b, Path::new(name)).unwrap();
         assert_eq!((img.height, img.width), (want.height, want.width), "{name}");
-        let got: Vec<f32> = g.download(&img.data).unwrap().into_iter().map(f32::from).collect();
+        let got: Vec<f32> = g
+            .download(&img.data)
+            .unwrap()
+            .into_iter()
+            .map(f32::from)
+            .collect();
         let wf: Vec<f32> = want.data.iter().map(|&v| f32::from(v)).collect();
         let e = rel_l2(&got, &wf);
         assert!(e < 3e-2, "{name}: rel err {e}");
     }
     // Garbage is an error naming the image, not a crash.
     let bad: [&[u8]; 2] = [&bytes[0], b"not a jpeg at all"];
-    let e = dec.decode_batch(&g, &bad).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = dec
+        .decode_batch(&g, &bad)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("image 1"), "{e}");
 }
 
@@ -315,7 +446,10 @@ fn the_quick_device_check_passes_or_reports_no_gpu() {
     };
     match cuda::run_check(&opts) {
         Err(e) => {
-            assert!(!cuda::gpu_available(), "a GPU is present but the check failed to start: {e}");
+            assert!(
+                !cuda::gpu_available(),
+                "a GPU is present but the check failed to start: {e}"
+            );
             assert!(e.to_string().contains("no GPU"), "{e}");
             println!("SKIP the_quick_device_check: {e}");
         }

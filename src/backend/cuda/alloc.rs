@@ -194,11 +194,15 @@ impl<B: Backing> Lease<B> {
     /// The block itself.
     fn block(&self) -> &B::Block {
         // Only `drop` takes the block out; a live lease always holds it.
-        self.block.as_ref().unwrap_or_else(|| unreachable!("lease without block"))
+        self.block
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lease without block"))
     }
 
     fn block_mut(&mut self) -> &mut B::Block {
-        self.block.as_mut().unwrap_or_else(|| unreachable!("lease without block"))
+        self.block
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("lease without block"))
     }
 }
 
@@ -250,7 +254,10 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
     /// An uninitialised buffer of `len` elements from `pool`.
     pub fn new(pool: &Arc<DevicePool>, len: usize) -> Result<Self> {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
-            Error::invalid("cuda alloc", format!("{len} elements overflow the address space"))
+            Error::invalid(
+                "cuda alloc",
+                format!("{len} elements overflow the address space"),
+            )
         })?;
         Ok(DeviceBuffer {
             lease: pool.take(bytes)?,
@@ -339,7 +346,15 @@ mod tests {
         assert_eq!(size_class(LARGE + 1), LARGE + LARGE / 4);
         assert_eq!(size_class(3 << 20), 3 << 20);
         assert_eq!(size_class((3 << 20) + 5), 7 << 19);
-        for b in [1usize, 700, 4095, 1 << 20, (1 << 20) + 1, 5_000_000, 123_456_789] {
+        for b in [
+            1usize,
+            700,
+            4095,
+            1 << 20,
+            (1 << 20) + 1,
+            5_000_000,
+            123_456_789,
+        ] {
             let c = size_class(b);
             assert!(c >= b, "{b} -> {c}");
             if b >= LARGE {
@@ -355,7 +370,10 @@ mod tests {
         let b = p.take(3000).unwrap();
         assert_eq!((a.capacity(), b.capacity()), (1024, 3072));
         let s = p.stats();
-        assert_eq!((s.misses, s.hits, s.in_use, s.reserved, s.cached), (2, 0, 4096, 4096, 0));
+        assert_eq!(
+            (s.misses, s.hits, s.in_use, s.reserved, s.cached),
+            (2, 0, 4096, 4096, 0)
+        );
         let a_addr = a.address();
         drop(a);
         let s = p.stats();
@@ -390,7 +408,10 @@ mod tests {
             step(&p);
         }
         let s = p.stats();
-        assert_eq!(s.misses, after_first.misses, "steady state went to the driver");
+        assert_eq!(
+            s.misses, after_first.misses,
+            "steady state went to the driver"
+        );
         assert_eq!(s.reserved, after_first.reserved);
         assert_eq!(s.hits, after_first.hits + 5 * 4);
     }
@@ -404,7 +425,11 @@ mod tests {
         // Now the backing refuses anything above 1 MiB: the request must fail, after trimming.
         p.backing.fail_above.set(1 << 20);
         assert!(p.take(3 << 20).is_err());
-        assert_eq!(p.stats().cached, 0, "the failed request should have released the cache");
+        assert_eq!(
+            p.stats().cached,
+            0,
+            "the failed request should have released the cache"
+        );
         assert_eq!(p.stats().reserved, 0);
         p.backing.fail_above.set(usize::MAX);
         let b = p.take(1 << 21).unwrap();

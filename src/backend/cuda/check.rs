@@ -259,8 +259,12 @@ impl Checker<'_> {
                 row.flops = m.flops;
                 row.bytes = m.bytes;
                 row.ms = m.time.map(|t| t.median_ms);
-                if self.bytes_per_ms > 0.0 && self.flops_per_ms > 0.0 && (m.flops > 0.0 || m.bytes > 0.0) {
-                    row.floor_ms = Some((m.bytes / self.bytes_per_ms).max(m.flops / self.flops_per_ms));
+                if self.bytes_per_ms > 0.0
+                    && self.flops_per_ms > 0.0
+                    && (m.flops > 0.0 || m.bytes > 0.0)
+                {
+                    row.floor_ms =
+                        Some((m.bytes / self.bytes_per_ms).max(m.flops / self.flops_per_ms));
                 }
                 row.passed = match m.err {
                     Some((e, tol)) => {
@@ -442,7 +446,9 @@ fn runtime_rows(c: &mut Checker<'_>) {
             let x = random("axpy.x", n);
             let y0 = random("axpy.y", n);
             let a = 0.75f32;
-            let k = c.gpu.kernel(super::module::RUNTIME_MODULE.name, "axpy_f32")?;
+            let k = c
+                .gpu
+                .kernel(super::module::RUNTIME_MODULE.name, "axpy_f32")?;
             let xd = c.gpu.upload(&x)?;
             let yd = c.gpu.upload(&y0)?;
             let dims = LaunchDims::linear(n, 256, 132 * 16);
@@ -494,7 +500,10 @@ fn gemm_row(c: &mut Checker<'_>, id: &str, g: Gemm, f32_out: bool) {
         let a = round_bf16(&random(&format!("{id}.a"), g.m * g.k));
         let b = round_bf16(&random(&format!("{id}.b"), g.k * g.n));
         let bias = round_bf16(&random(&format!("{id}.bias"), g.n));
-        let has_bias = matches!(g.epilogue, Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu);
+        let has_bias = matches!(
+            g.epilogue,
+            Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu
+        );
         // CPU reference.
         let mut want = vec![0f32; g.m * g.n];
         if has_bias {
@@ -502,7 +511,9 @@ fn gemm_row(c: &mut Checker<'_>, id: &str, g: Gemm, f32_out: bool) {
                 row.copy_from_slice(&bias);
             }
         }
-        cpu::matmul::matmul(g.m, g.n, g.k, &a, g.trans_a, &b, g.trans_b, &mut want, has_bias);
+        cpu::matmul::matmul(
+            g.m, g.n, g.k, &a, g.trans_a, &b, g.trans_b, &mut want, has_bias,
+        );
         let want = match g.epilogue {
             Epilogue::BiasGelu | Epilogue::Gelu => {
                 cpu::elementwise::gelu_forward(&Tensor::from_vec(want, &[g.m, g.n])?)?.into_vec()
@@ -543,9 +554,24 @@ fn gemm_row(c: &mut Checker<'_>, id: &str, g: Gemm, f32_out: bool) {
 fn gemm_rows(c: &mut Checker<'_>) {
     let rows = if c.opts.quick { 394 } else { 64 * 197 };
     let (d, h) = (384, 1536);
-    gemm_row(c, "linear_fc1_bias_gelu", Gemm::linear(rows, d, h, Epilogue::BiasGelu), false);
-    gemm_row(c, "linear_fc2_bias", Gemm::linear(rows, h, d, Epilogue::Bias), false);
-    gemm_row(c, "linear_qkv_plain", Gemm::linear(rows, d, 3 * d, Epilogue::None), false);
+    gemm_row(
+        c,
+        "linear_fc1_bias_gelu",
+        Gemm::linear(rows, d, h, Epilogue::BiasGelu),
+        false,
+    );
+    gemm_row(
+        c,
+        "linear_fc2_bias",
+        Gemm::linear(rows, h, d, Epilogue::Bias),
+        false,
+    );
+    gemm_row(
+        c,
+        "linear_qkv_plain",
+        Gemm::linear(rows, d, 3 * d, Epilogue::None),
+        false,
+    );
     // Backward of fc1: dx = dy[rows, h] · w[h, d]; dw = dy[rows, h]ᵀ · x[rows, d] (fp32 out).
     let dx = Gemm {
         m: rows,
@@ -568,7 +594,12 @@ fn gemm_rows(c: &mut Checker<'_>) {
     };
     gemm_row(c, "linear_fc1_dw_f32", dw, true);
     let b = if c.opts.quick { 64 } else { 512 };
-    gemm_row(c, "head_relu", Gemm::linear(b, 2048, 2048, Epilogue::BiasRelu), false);
+    gemm_row(
+        c,
+        "head_relu",
+        Gemm::linear(b, 2048, 2048, Epilogue::BiasRelu),
+        false,
+    );
 }
 
 /// One convolution shape: forward, backward-data and backward-filter against the CPU backend.
@@ -596,22 +627,33 @@ fn conv_case(c: &mut Checker<'_>, name: &str, s: ConvShape) {
     let wt = Tensor::from_vec(w.clone(), &[s.o, s.kh, s.kw, s.c]);
     let dyt = Tensor::from_vec(dy.clone(), &[s.n, oh, ow, s.o]);
     let elems = |a: usize, b: usize, o: usize| 2.0 * (a + b + o) as f64;
-    c.row("conv", &format!("{name}_fwd"), shape.clone(), torch("fwd"), |c| {
-        let want = cpu::conv::conv2d_forward(xt.as_ref().map_err(clone_err)?, wt.as_ref().map_err(clone_err)?, None, p)?;
-        let (xd, wd) = (c.gpu.upload_bf16(&x)?, c.gpu.upload_bf16(&w)?);
-        let mut yd = c.gpu.alloc::<bf16>(s.y_len())?;
-        let dnn = c.gpu.dnn()?;
-        dnn.conv2d_forward(c.gpu.pool(), &s, &xd, &wd, &mut yd)?;
-        let got = c.gpu.download_bf16(&yd)?;
-        let t = c.time(|| dnn.conv2d_forward(c.gpu.pool(), &s, &xd, &wd, &mut yd))?;
-        Ok(Measured {
-            err: Some((rel_l2(&got, want.data()), TOL_BF16)),
-            time: Some(t),
-            flops: s.flops(),
-            bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-            ..Default::default()
-        })
-    });
+    c.row(
+        "conv",
+        &format!("{name}_fwd"),
+        shape.clone(),
+        torch("fwd"),
+        |c| {
+            let want = cpu::conv::conv2d_forward(
+                xt.as_ref().map_err(clone_err)?,
+                wt.as_ref().map_err(clone_err)?,
+                None,
+                p,
+            )?;
+            let (xd, wd) = (c.gpu.upload_bf16(&x)?, c.gpu.upload_bf16(&w)?);
+            let mut yd = c.gpu.alloc::<bf16>(s.y_len())?;
+            let dnn = c.gpu.dnn()?;
+            dnn.conv2d_forward(c.gpu.pool(), &s, &xd, &wd, &mut yd)?;
+            let got = c.gpu.download_bf16(&yd)?;
+            let t = c.time(|| dnn.conv2d_forward(c.gpu.pool(), &s, &xd, &wd, &mut yd))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, want.data()), TOL_BF16)),
+                time: Some(t),
+                flops: s.flops(),
+                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
+                ..Default::default()
+            })
+        },
+    );
     let grads = || {
         cpu::conv::conv2d_backward(
             xt.as_ref().map_err(clone_err)?,
@@ -624,42 +666,53 @@ fn conv_case(c: &mut Checker<'_>, name: &str, s: ConvShape) {
     };
     let grads = grads();
     let grads = grads.as_ref();
-    c.row("conv", &format!("{name}_dgrad"), shape.clone(), torch("bwd_data"), |c| {
-        let g = grads.map_err(clone_err)?;
-        let want = g
-            .dx
-            .as_ref()
-            .ok_or_else(|| Error::invalid("device-check", "CPU conv returned no dx"))?;
-        let (wd, dyd) = (c.gpu.upload_bf16(&w)?, c.gpu.upload_bf16(&dy)?);
-        let mut dxd = c.gpu.alloc::<bf16>(s.x_len())?;
-        let dnn = c.gpu.dnn()?;
-        dnn.conv2d_backward_data(c.gpu.pool(), &s, &wd, &dyd, &mut dxd)?;
-        let got = c.gpu.download_bf16(&dxd)?;
-        let t = c.time(|| dnn.conv2d_backward_data(c.gpu.pool(), &s, &wd, &dyd, &mut dxd))?;
-        Ok(Measured {
-            err: Some((rel_l2(&got, want.data()), TOL_BF16)),
-            time: Some(t),
-            flops: s.flops(),
-            bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-            ..Default::default()
-        })
-    });
-    c.row("conv", &format!("{name}_wgrad"), shape, torch("bwd_filter"), |c| {
-        let g = grads.map_err(clone_err)?;
-        let (xd, dyd) = (c.gpu.upload_bf16(&x)?, c.gpu.upload_bf16(&dy)?);
-        let mut dwd = c.gpu.alloc::<bf16>(s.w_len())?;
-        let dnn = c.gpu.dnn()?;
-        dnn.conv2d_backward_filter(c.gpu.pool(), &s, &xd, &dyd, &mut dwd)?;
-        let got = c.gpu.download_bf16(&dwd)?;
-        let t = c.time(|| dnn.conv2d_backward_filter(c.gpu.pool(), &s, &xd, &dyd, &mut dwd))?;
-        Ok(Measured {
-            err: Some((rel_l2(&got, g.dw.data()), TOL_BF16)),
-            time: Some(t),
-            flops: s.flops(),
-            bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-            ..Default::default()
-        })
-    });
+    c.row(
+        "conv",
+        &format!("{name}_dgrad"),
+        shape.clone(),
+        torch("bwd_data"),
+        |c| {
+            let g = grads.map_err(clone_err)?;
+            let want =
+                g.dx.as_ref()
+                    .ok_or_else(|| Error::invalid("device-check", "CPU conv returned no dx"))?;
+            let (wd, dyd) = (c.gpu.upload_bf16(&w)?, c.gpu.upload_bf16(&dy)?);
+            let mut dxd = c.gpu.alloc::<bf16>(s.x_len())?;
+            let dnn = c.gpu.dnn()?;
+            dnn.conv2d_backward_data(c.gpu.pool(), &s, &wd, &dyd, &mut dxd)?;
+            let got = c.gpu.download_bf16(&dxd)?;
+            let t = c.time(|| dnn.conv2d_backward_data(c.gpu.pool(), &s, &wd, &dyd, &mut dxd))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, want.data()), TOL_BF16)),
+                time: Some(t),
+                flops: s.flops(),
+                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
+                ..Default::default()
+            })
+        },
+    );
+    c.row(
+        "conv",
+        &format!("{name}_wgrad"),
+        shape,
+        torch("bwd_filter"),
+        |c| {
+            let g = grads.map_err(clone_err)?;
+            let (xd, dyd) = (c.gpu.upload_bf16(&x)?, c.gpu.upload_bf16(&dy)?);
+            let mut dwd = c.gpu.alloc::<bf16>(s.w_len())?;
+            let dnn = c.gpu.dnn()?;
+            dnn.conv2d_backward_filter(c.gpu.pool(), &s, &xd, &dyd, &mut dwd)?;
+            let got = c.gpu.download_bf16(&dwd)?;
+            let t = c.time(|| dnn.conv2d_backward_filter(c.gpu.pool(), &s, &xd, &dyd, &mut dwd))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, g.dw.data()), TOL_BF16)),
+                time: Some(t),
+                flops: s.flops(),
+                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
+                ..Default::default()
+            })
+        },
+    );
 }
 
 /// Re-creates an engine error from a borrowed one (a reference computed once, used by rows).
@@ -682,10 +735,60 @@ fn conv_rows(c: &mut Checker<'_>) {
         pad: 1,
     };
     conv_case(c, "conv3x3_s1", base);
-    conv_case(c, "conv1x1_c256", ConvShape { c: 256, o: 64, kh: 1, kw: 1, pad: 0, ..base });
-    conv_case(c, "conv3x3_s2_c128", ConvShape { h: 56, w: 56, c: 128, o: 128, stride: 2, ..base });
-    conv_case(c, "stem7x7_s2", ConvShape { h: 224, w: 224, c: 3, o: 64, kh: 7, kw: 7, stride: 2, pad: 3, ..base });
-    conv_case(c, "patch16_s16", ConvShape { h: 224, w: 224, c: 3, o: 384, kh: 16, kw: 16, stride: 16, pad: 0, ..base });
+    conv_case(
+        c,
+        "conv1x1_c256",
+        ConvShape {
+            c: 256,
+            o: 64,
+            kh: 1,
+            kw: 1,
+            pad: 0,
+            ..base
+        },
+    );
+    conv_case(
+        c,
+        "conv3x3_s2_c128",
+        ConvShape {
+            h: 56,
+            w: 56,
+            c: 128,
+            o: 128,
+            stride: 2,
+            ..base
+        },
+    );
+    conv_case(
+        c,
+        "stem7x7_s2",
+        ConvShape {
+            h: 224,
+            w: 224,
+            c: 3,
+            o: 64,
+            kh: 7,
+            kw: 7,
+            stride: 2,
+            pad: 3,
+            ..base
+        },
+    );
+    conv_case(
+        c,
+        "patch16_s16",
+        ConvShape {
+            h: 224,
+            w: 224,
+            c: 3,
+            o: 384,
+            kh: 16,
+            kw: 16,
+            stride: 16,
+            pad: 0,
+            ..base
+        },
+    );
 }
 
 /// JPEG files to decode: the options' paths, else the repository's fixtures and the samples.
@@ -711,7 +814,8 @@ fn jpeg_files(opts: &CheckOptions) -> Vec<PathBuf> {
     while let Some(p) = stack.pop() {
         if p.is_dir() {
             if let Ok(rd) = std::fs::read_dir(&p) {
-                let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                let mut entries: Vec<PathBuf> =
+                    rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
                 entries.sort();
                 stack.extend(entries.into_iter().rev());
             }
@@ -844,7 +948,10 @@ fn alloc_rows(c: &mut Checker<'_>) {
             let after = c.gpu.alloc_stats().misses;
             Ok(Measured {
                 err: Some(((after - first) as f64, 0.0)),
-                note: format!("{} driver allocations after the first step (must be 0)", after - first),
+                note: format!(
+                    "{} driver allocations after the first step (must be 0)",
+                    after - first
+                ),
                 ..Default::default()
             })
         },

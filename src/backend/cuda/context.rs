@@ -9,10 +9,10 @@
 
 use super::alloc::{AllocStats, DeviceBuffer, DevicePool, Pool, StreamBacking};
 use super::cublaslt::Lt;
+use super::cuda_err;
 use super::cudnn::Dnn;
 use super::device::{probe, DeviceInfo};
 use super::module::{Kernel, Modules};
-use super::cuda_err;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
@@ -143,7 +143,11 @@ impl Gpu {
         if data.len() != dst.len() {
             return Err(Error::shape(
                 "cuda upload",
-                format!("{} host elements into a buffer of {}", data.len(), dst.len()),
+                format!(
+                    "{} host elements into a buffer of {}",
+                    data.len(),
+                    dst.len()
+                ),
             ));
         }
         self.stream
@@ -152,7 +156,10 @@ impl Gpu {
     }
 
     /// Copies a device buffer back to the host (waits for the stream).
-    pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>> {
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        src: &DeviceBuffer<T>,
+    ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); src.len()];
         self.stream
             .memcpy_dtoh(&src.view(), &mut out)
@@ -169,11 +176,19 @@ impl Gpu {
 
     /// A bf16 device buffer widened to f32 on the host.
     pub fn download_bf16(&self, src: &DeviceBuffer<bf16>) -> Result<Vec<f32>> {
-        Ok(self.download(src)?.into_iter().map(|v| v.to_f32()).collect())
+        Ok(self
+            .download(src)?
+            .into_iter()
+            .map(|v| v.to_f32())
+            .collect())
     }
 
     /// Device-to-device copy of `src` into `dst` (same length), on the stream.
-    pub fn copy<T: DeviceRepr>(&self, src: &DeviceBuffer<T>, dst: &mut DeviceBuffer<T>) -> Result<()> {
+    pub fn copy<T: DeviceRepr>(
+        &self,
+        src: &DeviceBuffer<T>,
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
         if src.len() != dst.len() {
             return Err(Error::shape(
                 "cuda copy",
@@ -221,7 +236,12 @@ impl Gpu {
 
     /// Times `work` with CUDA events: `warmup` untimed runs, then `reps` timed runs, each between
     /// its own pair of events; returns the median and minimum. `work` must only enqueue.
-    pub fn time<F: FnMut() -> Result<()>>(&self, warmup: usize, reps: usize, mut work: F) -> Result<Timing> {
+    pub fn time<F: FnMut() -> Result<()>>(
+        &self,
+        warmup: usize,
+        reps: usize,
+        mut work: F,
+    ) -> Result<Timing> {
         use cudarc::driver::sys::CUevent_flags;
         for _ in 0..warmup {
             work()?;
@@ -249,7 +269,8 @@ impl Gpu {
         for (a, b) in &pairs {
             ms.push(
                 a.elapsed_ms(b)
-                    .map_err(|e| cuda_err("cuda timing", "reading an event", e))? as f64,
+                    .map_err(|e| cuda_err("cuda timing", "reading an event", e))?
+                    as f64,
             );
         }
         ms.sort_by(|x, y| x.total_cmp(y));

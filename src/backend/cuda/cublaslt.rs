@@ -53,7 +53,10 @@ pub enum Epilogue {
 
 impl Epilogue {
     fn has_bias(self) -> bool {
-        matches!(self, Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu)
+        matches!(
+            self,
+            Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu
+        )
     }
 
     fn code(self) -> sys::cublasLtEpilogue_t {
@@ -169,7 +172,8 @@ impl Lt {
                 "libcublasLt not found: put the CUDA (or pip nvidia-cublas) libraries on LD_LIBRARY_PATH",
             ));
         }
-        let handle = result::create_handle().map_err(|e| lt_err("creating the handle".into(), e))?;
+        let handle =
+            result::create_handle().map_err(|e| lt_err("creating the handle".into(), e))?;
         // SAFETY: raw bytes, used only as cuBLASLt's scratch space.
         let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }
             .map_err(|e| cuda_err("cublasLt", "allocating the workspace", e))?;
@@ -191,7 +195,14 @@ impl Lt {
         c: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
         check_lengths(g, a.len(), b.len(), c.len(), bias.map(|x| x.len()))?;
-        self.run(g, Out::Bf16, a.ptr(), b.ptr(), bias.map(|x| x.ptr()), c.ptr())
+        self.run(
+            g,
+            Out::Bf16,
+            a.ptr(),
+            b.ptr(),
+            bias.map(|x| x.ptr()),
+            c.ptr(),
+        )
     }
 
     /// `C (+)= op(A)·op(B)` with bf16 A, B and an fp32 C (weight gradients accumulated in fp32).
@@ -249,7 +260,9 @@ impl Lt {
         let mut plans = self.plans.borrow_mut();
         let key = (*g, out);
         if !plans.contains_key(&key) {
-            let plan = self.make_plan(g, out, bias).map_err(|e| lt_err(what(), e))?;
+            let plan = self
+                .make_plan(g, out, bias)
+                .map_err(|e| lt_err(what(), e))?;
             plans.insert(key, plan);
         }
         let plan = plans
@@ -298,7 +311,12 @@ impl Lt {
     }
 
     /// Descriptors, layouts and the heuristic's best algorithm for `g`.
-    fn make_plan(&self, g: &Gemm, out: Out, bias: Option<u64>) -> std::result::Result<Plan, result::CublasError> {
+    fn make_plan(
+        &self,
+        g: &Gemm,
+        out: Out,
+        bias: Option<u64>,
+    ) -> std::result::Result<Plan, result::CublasError> {
         use sys::cublasLtMatmulDescAttributes_t as D;
         use sys::cudaDataType_t as T;
         let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
@@ -309,7 +327,10 @@ impl Lt {
         // cuBLASLt's A = our B, B = our A, C = n × m (module doc).
         let (a_rows, a_cols) = if g.trans_b { (k, n) } else { (n, k) };
         let (b_rows, b_cols) = if g.trans_a { (m, k) } else { (k, m) };
-        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, T::CUDA_R_32F)?;
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            T::CUDA_R_32F,
+        )?;
         // Build the plan right away so that its Drop cleans up whatever was created.
         let mut plan = Plan {
             desc,
@@ -357,8 +378,9 @@ impl Lt {
         let pref = result::create_matmul_pref()?;
         let ws = WORKSPACE_BYTES;
         // SAFETY: as above; the preference is destroyed right after the heuristic.
-        let heuristic = unsafe {
-            let r = result::set_matmul_pref_attribute(
+        let heuristic =
+            unsafe {
+                let r = result::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 (&ws) as *const usize as *const c_void,
@@ -369,9 +391,9 @@ impl Lt {
                     self.handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
                 )
             });
-            let _ = result::destroy_matmul_pref(pref);
-            r?
-        };
+                let _ = result::destroy_matmul_pref(pref);
+                r?
+            };
         plan.algo = heuristic.algo;
         Ok(plan)
     }
@@ -379,7 +401,11 @@ impl Lt {
 
 /// Checks buffer lengths against the GEMM's shapes (a short buffer would be read out of bounds).
 fn check_lengths(g: &Gemm, a: usize, b: usize, c: usize, bias: Option<usize>) -> Result<()> {
-    let need = [("A", a, g.m * g.k), ("B", b, g.k * g.n), ("C", c, g.m * g.n)];
+    let need = [
+        ("A", a, g.m * g.k),
+        ("B", b, g.k * g.n),
+        ("C", c, g.m * g.n),
+    ];
     for (name, have, want) in need {
         if have < want {
             return Err(Error::shape(
@@ -389,14 +415,20 @@ fn check_lengths(g: &Gemm, a: usize, b: usize, c: usize, bias: Option<usize>) ->
         }
     }
     match (g.epilogue.has_bias(), bias) {
-        (true, None) => Err(Error::invalid("cublasLt", format!("{:?} needs a bias", g.epilogue))),
+        (true, None) => Err(Error::invalid(
+            "cublasLt",
+            format!("{:?} needs a bias", g.epilogue),
+        )),
         (false, Some(_)) => Err(Error::invalid(
             "cublasLt",
             format!("a bias was given but the epilogue is {:?}", g.epilogue),
         )),
         (true, Some(len)) if len < g.n => Err(Error::shape(
             "cublasLt",
-            format!("bias holds {len} elements, the GEMM needs {} (one per output column)", g.n),
+            format!(
+                "bias holds {len} elements, the GEMM needs {} (one per output column)",
+                g.n
+            ),
         )),
         _ => Ok(()),
     }
@@ -409,7 +441,10 @@ mod tests {
     #[test]
     fn linear_maps_to_a_transposed_weight() {
         let g = Gemm::linear(8, 384, 1536, Epilogue::BiasGelu);
-        assert_eq!((g.m, g.n, g.k, g.trans_a, g.trans_b), (8, 1536, 384, false, true));
+        assert_eq!(
+            (g.m, g.n, g.k, g.trans_a, g.trans_b),
+            (8, 1536, 384, false, true)
+        );
         assert_eq!(g.flops(), 2.0 * 8.0 * 1536.0 * 384.0);
     }
 
@@ -417,9 +452,15 @@ mod tests {
     fn lengths_and_bias_are_checked() {
         let g = Gemm::linear(4, 3, 5, Epilogue::Bias);
         assert!(check_lengths(&g, 12, 15, 20, Some(5)).is_ok());
-        assert!(check_lengths(&g, 11, 15, 20, Some(5)).unwrap_err().to_string().contains("A holds 11"));
+        assert!(check_lengths(&g, 11, 15, 20, Some(5))
+            .unwrap_err()
+            .to_string()
+            .contains("A holds 11"));
         assert!(check_lengths(&g, 12, 15, 19, Some(5)).is_err());
-        assert!(check_lengths(&g, 12, 15, 20, Some(4)).unwrap_err().to_string().contains("bias"));
+        assert!(check_lengths(&g, 12, 15, 20, Some(4))
+            .unwrap_err()
+            .to_string()
+            .contains("bias"));
         assert!(check_lengths(&g, 12, 15, 20, None).is_err());
         let plain = Gemm::linear(4, 3, 5, Epilogue::None);
         assert!(check_lengths(&plain, 12, 15, 20, Some(5)).is_err());

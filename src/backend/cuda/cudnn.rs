@@ -16,8 +16,8 @@ use super::alloc::{DeviceBuffer, DevicePool};
 use super::cuda_err;
 use crate::error::{Error, Result};
 use cudarc::cudnn::{
-    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor,
-    TensorDescriptor,
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
+    FilterDescriptor, TensorDescriptor,
 };
 use cudarc::driver::{CudaStream, CudaViewMut};
 use half::bf16;
@@ -54,7 +54,10 @@ impl ConvShape {
     /// not fit the padded input.
     pub fn out_hw(&self) -> Result<(usize, usize)> {
         if self.stride == 0 || self.kh == 0 || self.kw == 0 {
-            return Err(Error::invalid("cudnn conv", format!("{self:?}: stride and kernel must be ≥ 1")));
+            return Err(Error::invalid(
+                "cudnn conv",
+                format!("{self:?}: stride and kernel must be ≥ 1"),
+            ));
         }
         let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
         if ph < self.kh || pw < self.kw {
@@ -63,7 +66,10 @@ impl ConvShape {
                 format!("{self:?}: kernel larger than the padded input"),
             ));
         }
-        Ok(((ph - self.kh) / self.stride + 1, (pw - self.kw) / self.stride + 1))
+        Ok((
+            (ph - self.kh) / self.stride + 1,
+            (pw - self.kw) / self.stride + 1,
+        ))
     }
 
     /// Elements of the input.
@@ -78,7 +84,9 @@ impl ConvShape {
 
     /// Elements of the output (0 when the shape is invalid).
     pub fn y_len(&self) -> usize {
-        self.out_hw().map(|(oh, ow)| self.n * oh * ow * self.o).unwrap_or(0)
+        self.out_hw()
+            .map(|(oh, ow)| self.n * oh * ow * self.o)
+            .unwrap_or(0)
     }
 
     /// Floating-point operations of the forward (each backward costs the same).
@@ -110,7 +118,8 @@ fn dnn_err(what: String, e: impl std::fmt::Debug) -> Error {
 
 /// Fits a dimension into cuDNN's `int`.
 fn dim(v: usize, s: &ConvShape) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape("cudnn conv", format!("{s:?}: dimension {v} exceeds i32")))
+    i32::try_from(v)
+        .map_err(|_| Error::shape("cudnn conv", format!("{s:?}: dimension {v} exceeds i32")))
 }
 
 impl Dnn {
@@ -123,7 +132,8 @@ impl Dnn {
                 "libcudnn not found: put the cuDNN (pip nvidia-cudnn-cu13) libraries on LD_LIBRARY_PATH",
             ));
         }
-        let handle = Cudnn::new(Arc::clone(stream)).map_err(|e| dnn_err("creating the handle".into(), e))?;
+        let handle =
+            Cudnn::new(Arc::clone(stream)).map_err(|e| dnn_err("creating the handle".into(), e))?;
         Ok(Dnn {
             handle,
             plans: RefCell::new(HashMap::new()),
@@ -142,7 +152,9 @@ impl Dnn {
             let p = self.make_plan(s)?;
             plans.insert(*s, p);
         }
-        let plan = plans.get_mut(s).unwrap_or_else(|| unreachable!("plan inserted above"));
+        let plan = plans
+            .get_mut(s)
+            .unwrap_or_else(|| unreachable!("plan inserted above"));
         f(plan)
     }
 
@@ -152,13 +164,19 @@ impl Dnn {
         let what = || format!("descriptors for {s:?}");
         let h = &self.handle;
         let x = h
-            .create_4d_tensor::<bf16>(nhwc, [dim(s.n, s)?, dim(s.c, s)?, dim(s.h, s)?, dim(s.w, s)?])
+            .create_4d_tensor::<bf16>(
+                nhwc,
+                [dim(s.n, s)?, dim(s.c, s)?, dim(s.h, s)?, dim(s.w, s)?],
+            )
             .map_err(|e| dnn_err(what(), e))?;
         let y = h
             .create_4d_tensor::<bf16>(nhwc, [dim(s.n, s)?, dim(s.o, s)?, dim(oh, s)?, dim(ow, s)?])
             .map_err(|e| dnn_err(what(), e))?;
         let w = h
-            .create_4d_filter::<bf16>(nhwc, [dim(s.o, s)?, dim(s.c, s)?, dim(s.kh, s)?, dim(s.kw, s)?])
+            .create_4d_filter::<bf16>(
+                nhwc,
+                [dim(s.o, s)?, dim(s.c, s)?, dim(s.kh, s)?, dim(s.kw, s)?],
+            )
             .map_err(|e| dnn_err(what(), e))?;
         let (p, st) = (dim(s.pad, s)?, dim(s.stride, s)?);
         let mut conv = h
@@ -206,7 +224,9 @@ impl Dnn {
                 Some(a) => a,
                 None => {
                     let algo = op.pick_algorithm().map_err(|e| dnn_err(what(), e))?;
-                    let ws = op.get_workspace_size(algo).map_err(|e| dnn_err(what(), e))?;
+                    let ws = op
+                        .get_workspace_size(algo)
+                        .map_err(|e| dnn_err(what(), e))?;
                     p.fwd = Some((algo, ws));
                     (algo, ws)
                 }
@@ -252,7 +272,9 @@ impl Dnn {
                 Some(a) => a,
                 None => {
                     let algo = op.pick_algorithm().map_err(|e| dnn_err(what(), e))?;
-                    let ws = op.get_workspace_size(algo).map_err(|e| dnn_err(what(), e))?;
+                    let ws = op
+                        .get_workspace_size(algo)
+                        .map_err(|e| dnn_err(what(), e))?;
                     p.bwd_data = Some((algo, ws));
                     (algo, ws)
                 }
@@ -298,7 +320,9 @@ impl Dnn {
                 Some(a) => a,
                 None => {
                     let algo = op.pick_algorithm().map_err(|e| dnn_err(what(), e))?;
-                    let ws = op.get_workspace_size(algo).map_err(|e| dnn_err(what(), e))?;
+                    let ws = op
+                        .get_workspace_size(algo)
+                        .map_err(|e| dnn_err(what(), e))?;
                     p.bwd_filter = Some((algo, ws));
                     (algo, ws)
                 }
@@ -368,12 +392,38 @@ mod tests {
         assert_eq!(s.out_hw().unwrap(), (28, 28));
         assert_eq!(s.y_len(), 2 * 28 * 28 * 128);
         assert_eq!(s.w_len(), 128 * 9 * 64);
-        let stem = ConvShape { h: 224, w: 224, c: 3, o: 64, kh: 7, kw: 7, pad: 3, ..s };
+        let stem = ConvShape {
+            h: 224,
+            w: 224,
+            c: 3,
+            o: 64,
+            kh: 7,
+            kw: 7,
+            pad: 3,
+            ..s
+        };
         assert_eq!(stem.out_hw().unwrap(), (112, 112));
-        let patch = ConvShape { h: 224, w: 224, c: 3, o: 384, kh: 16, kw: 16, stride: 16, pad: 0, ..s };
+        let patch = ConvShape {
+            h: 224,
+            w: 224,
+            c: 3,
+            o: 384,
+            kh: 16,
+            kw: 16,
+            stride: 16,
+            pad: 0,
+            ..s
+        };
         assert_eq!(patch.out_hw().unwrap(), (14, 14));
         assert!(ConvShape { stride: 0, ..s }.out_hw().is_err());
-        assert!(ConvShape { h: 2, w: 2, pad: 0, ..s }.out_hw().is_err());
+        assert!(ConvShape {
+            h: 2,
+            w: 2,
+            pad: 0,
+            ..s
+        }
+        .out_hw()
+        .is_err());
     }
 
     #[test]

@@ -100,10 +100,12 @@ impl Probe {
 /// The cached probe of this machine (computed once, on first use; never panics).
 pub fn probe() -> &'static Probe {
     static PROBE: OnceLock<Probe> = OnceLock::new();
-    PROBE.get_or_init(|| std::panic::catch_unwind(run_probe).unwrap_or_else(|_| Probe {
-        reason: Some("the CUDA driver panicked while being probed".into()),
-        ..Probe::default()
-    }))
+    PROBE.get_or_init(|| {
+        std::panic::catch_unwind(run_probe).unwrap_or_else(|_| Probe {
+            reason: Some("the CUDA driver panicked while being probed".into()),
+            ..Probe::default()
+        })
+    })
 }
 
 /// Whether a CUDA device is usable: libcuda loads, the driver initialises and reports ≥ 1 device.
@@ -267,9 +269,18 @@ mod tests {
     #[test]
     fn parses_device_names() {
         assert_eq!("cpu".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cpu));
-        assert_eq!("AUTO".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Auto));
-        assert_eq!("cuda".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(0)));
-        assert_eq!("cuda:3".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(3)));
+        assert_eq!(
+            "AUTO".parse::<DeviceChoice>().ok(),
+            Some(DeviceChoice::Auto)
+        );
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().ok(),
+            Some(DeviceChoice::Cuda(0))
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceChoice>().ok(),
+            Some(DeviceChoice::Cuda(3))
+        );
         let e = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert!(e.contains("'tpu'") && e.contains("cuda:N"), "{e}");
         assert!("cuda:x".parse::<DeviceChoice>().is_err());

@@ -19,29 +19,9 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// The kernel table's types. The kernel layer (branch `cuda-kernels`) owns the real
-/// `crate::backend::kernels::{KernelModule, MODULES, COMPILER}`; until it lands, this private
-/// copy of exactly that shape keeps the runtime building, with an empty table.
-pub mod table {
-    /// One compiled `.cu` file: its name (the file stem), its source, and what build.rs made.
-    pub struct KernelModule {
-        /// File stem, e.g. "softmax_ce".
-        pub name: &'static str,
-        /// The CUDA C++ source (for run-time NVRTC).
-        pub source: &'static str,
-        /// PTX (ISA ≤ 9.0), when a compiler was found at build time.
-        pub ptx: Option<&'static str>,
-        /// sm_90 cubin, when a compiler was found at build time.
-        pub cubin: Option<&'static [u8]>,
-    }
-
-    /// Every kernel module of the build.
-    pub static MODULES: &[KernelModule] = &[];
-
-    /// What compiled the table at build time.
-    pub const COMPILER: &str = "none (kernel table not yet built)";
-}
-
+/// The kernel table build.rs embeds (`crate::backend::kernels`: `KernelModule`, `MODULES`,
+/// `COMPILER`), under the name the runtime uses for it.
+pub use crate::backend::kernels as table;
 pub use table::KernelModule;
 
 /// A small module of the runtime itself, compiled with NVRTC at first use: it proves the
@@ -78,7 +58,9 @@ impl LaunchDims {
     /// A 1-D launch of `block` threads per block covering `n` items (one per thread), with the
     /// grid capped at `max_blocks` (kernels use grid-stride loops beyond it).
     pub fn linear(n: usize, block: u32, max_blocks: u32) -> Self {
-        let blocks = n.div_ceil(block.max(1) as usize).clamp(1, max_blocks.max(1) as usize);
+        let blocks = n
+            .div_ceil(block.max(1) as usize)
+            .clamp(1, max_blocks.max(1) as usize);
         LaunchDims {
             grid: (blocks as u32, 1, 1),
             block: (block, 1, 1),
@@ -160,12 +142,8 @@ impl Kernel {
     /// The arguments pushed on `args` must match the kernel's parameters in number, order and
     /// type, and every buffer must be large enough for what the kernel touches with `dims`.
     pub unsafe fn launch(&self, args: &mut LaunchArgs<'_>, dims: LaunchDims) -> Result<()> {
-        dims.validate().map_err(|e| {
-            Error::invalid(
-                "kernel launch",
-                format!("{}: {dims}: {e}", self.label),
-            )
-        })?;
+        dims.validate()
+            .map_err(|e| Error::invalid("kernel launch", format!("{}: {dims}: {e}", self.label)))?;
         if dims.shared_bytes > 48 * 1024 {
             use cudarc::driver::sys::CUfunction_attribute as Attr;
             cudarc::driver::result::function::set_function_attribute(
@@ -258,16 +236,12 @@ impl Modules {
         }
         // SAFETY: dlopen probe only.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            tried.push("NVRTC: libnvrtc not found (put the CUDA or pip nvidia libs on LD_LIBRARY_PATH)".into());
+            tried.push(
+                "NVRTC: libnvrtc not found (put the CUDA or pip nvidia libs on LD_LIBRARY_PATH)"
+                    .into(),
+            );
         } else {
-            let opts = CompileOptions {
-                arch: Some(self.arch),
-                include_paths: include_paths(),
-                options: vec!["--std=c++17".into()],
-                name: Some(format!("{}.cu", km.name)),
-                ..Default::default()
-            };
-            match cudarc::nvrtc::compile_ptx_with_opts(km.source, opts) {
+            match compile_source(km, self.arch) {
                 Ok(ptx) => match self.ctx.load_module(ptx) {
                     Ok(m) => return Ok(m),
                     Err(e) => tried.push(format!("NVRTC PTX load: {e:?}")),
@@ -282,23 +256,40 @@ impl Modules {
     }
 }
 
+/// Compiles a module's embedded source with NVRTC to PTX for `arch` (e.g. "compute_90"), with
+/// the CUDA include folders of [`include_paths`]. Needs libnvrtc on the loader path (check
+/// `cudarc::nvrtc::sys::is_culib_present()` first: cudarc panics on a missing library).
+pub fn compile_source(km: &KernelModule, arch: &'static str) -> std::result::Result<Ptx, String> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: include_paths(),
+        options: vec!["--std=c++17".into()],
+        name: Some(format!("{}.cu", km.name)),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(km.source, opts).map_err(|e| e.to_string())
+}
+
 /// The kernel table entry named `name` (the runtime's own module included).
 fn find_module(name: &str) -> Result<&'static KernelModule> {
     static RUNTIME: KernelModule = RUNTIME_MODULE;
     if name == RUNTIME.name {
         return Ok(&RUNTIME);
     }
-    table::MODULES.iter().find(|m| m.name == name).ok_or_else(|| {
-        let known: Vec<&str> = table::MODULES.iter().map(|m| m.name).collect();
-        Error::invalid(
-            "kernel module",
-            format!(
-                "no module '{name}' in the kernel table (built by {}; modules: [{}])",
-                table::COMPILER,
-                known.join(", ")
-            ),
-        )
-    })
+    table::MODULES
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = table::MODULES.iter().map(|m| m.name).collect();
+            Error::invalid(
+                "kernel module",
+                format!(
+                    "no module '{name}' in the kernel table (built by {}; modules: [{}])",
+                    table::COMPILER,
+                    known.join(", ")
+                ),
+            )
+        })
 }
 
 /// `compute_XY` for NVRTC, as a static string (NVRTC's option type wants one).
@@ -323,9 +314,13 @@ pub fn include_paths() -> Vec<String> {
     let mut out = Vec::new();
     let mut push = |p: std::path::PathBuf| {
         if p.join("cuda_bf16.h").is_file() || p.join("cuda_runtime.h").is_file() {
-            let s = p.to_string_lossy().into_owned();
-            if !out.contains(&s) {
-                out.push(s);
+            // CUDA 13's cuda_bf16.h includes <cuda/std/...> from CCCL, which the pip wheels
+            // (and 13.x toolkits) keep in include/cccl.
+            for dir in [p.clone(), p.join("cccl")] {
+                let s = dir.to_string_lossy().into_owned();
+                if dir.is_dir() && !out.contains(&s) {
+                    out.push(s);
+                }
             }
         }
     };
@@ -380,8 +375,34 @@ mod tests {
             Ok(_) => panic!("an unknown module was found"),
             Err(e) => e.to_string(),
         };
-        assert!(e.contains("no_such_module") && e.contains("kernel table"), "{e}");
+        assert!(
+            e.contains("no_such_module") && e.contains("kernel table"),
+            "{e}"
+        );
         assert!(find_module(RUNTIME_MODULE.name).is_ok());
+    }
+
+    #[test]
+    fn runtime_nvrtc_compiles_every_kernel_source() {
+        // SAFETY: dlopen probe only.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!(
+                "SKIP: libnvrtc not on the loader path (set LD_LIBRARY_PATH to a CUDA lib folder)"
+            );
+            return;
+        }
+        if include_paths().is_empty() {
+            println!("SKIP: no CUDA include folder found (set SDENGINE_CUDA_INCLUDE)");
+            return;
+        }
+        let all = table::MODULES
+            .iter()
+            .chain(std::iter::once(&RUNTIME_MODULE));
+        for km in all {
+            let ptx = compile_source(km, "compute_90")
+                .unwrap_or_else(|e| panic!("{}: NVRTC failed: {e}", km.name));
+            assert!(ptx.to_src().contains(".target sm_90"), "{}", km.name);
+        }
     }
 
     #[test]

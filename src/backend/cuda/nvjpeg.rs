@@ -10,6 +10,9 @@
 //! nvJPEG allocates its own internal buffers with cudaMalloc (not the engine's caching
 //! allocator); the output buffers come from the caching allocator.
 //!
+//! The library is looked for as `$SDENGINE_NVJPEG` (a file path) and then by the names in
+//! [`LIBRARY_NAMES`] on the loader path.
+//!
 //! The C API used (nvjpeg.h, CUDA 12/13): nvjpegCreateSimple, nvjpegJpegStateCreate,
 //! nvjpegGetImageInfo, nvjpegDecodeBatchedInitialize, nvjpegDecodeBatched, nvjpegGetProperty and
 //! the matching destroy calls; status 0 is success.
@@ -48,10 +51,24 @@ struct Api {
     destroy: unsafe extern "C" fn(Handle) -> Status,
     state_create: unsafe extern "C" fn(Handle, *mut State) -> Status,
     state_destroy: unsafe extern "C" fn(State) -> Status,
-    get_image_info:
-        unsafe extern "C" fn(Handle, *const u8, usize, *mut c_int, *mut c_int, *mut c_int, *mut c_int) -> Status,
+    get_image_info: unsafe extern "C" fn(
+        Handle,
+        *const u8,
+        usize,
+        *mut c_int,
+        *mut c_int,
+        *mut c_int,
+        *mut c_int,
+    ) -> Status,
     batched_init: unsafe extern "C" fn(Handle, State, c_int, c_int, c_int) -> Status,
-    batched: unsafe extern "C" fn(Handle, State, *const *const u8, *const usize, *mut NvjpegImage, *mut c_void) -> Status,
+    batched: unsafe extern "C" fn(
+        Handle,
+        State,
+        *const *const u8,
+        *const usize,
+        *mut NvjpegImage,
+        *mut c_void,
+    ) -> Status,
     get_property: unsafe extern "C" fn(c_int, *mut c_int) -> Status,
 }
 
@@ -63,7 +80,11 @@ unsafe impl Sync for Api {}
 impl Api {
     fn load() -> std::result::Result<Api, String> {
         let mut errors = Vec::new();
-        for name in LIBRARY_NAMES {
+        // An explicit file first (torchvision bundles nvJPEG under a hashed name).
+        let explicit = std::env::var("SDENGINE_NVJPEG")
+            .ok()
+            .filter(|s| !s.is_empty());
+        for name in explicit.iter().map(String::as_str).chain(LIBRARY_NAMES) {
             // SAFETY: loading nvJPEG runs only its (CUDA-library) initialisers.
             match unsafe { Library::new(name) } {
                 Ok(lib) => return Api::resolve(lib).map_err(|e| format!("{name}: {e}")),
@@ -233,7 +254,10 @@ impl JpegDecoder {
         if w[0] <= 0 || h[0] <= 0 || w[0] > MAX_SIDE || h[0] > MAX_SIDE {
             return Err(Error::invalid(
                 "nvjpeg",
-                format!("image of {}x{} pixels (limit {MAX_SIDE} per side)", w[0], h[0]),
+                format!(
+                    "image of {}x{} pixels (limit {MAX_SIDE} per side)",
+                    w[0], h[0]
+                ),
             ));
         }
         Ok((h[0] as usize, w[0] as usize))
@@ -275,7 +299,12 @@ impl JpegDecoder {
         let mut dst: Vec<NvjpegImage> = out
             .iter()
             .map(|d| NvjpegImage {
-                channel: [d.data.ptr() as *mut u8, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut()],
+                channel: [
+                    d.data.ptr() as *mut u8,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                ],
                 pitch: [d.width * 3, 0, 0, 0],
             })
             .collect();
@@ -294,7 +323,10 @@ impl JpegDecoder {
             )
         };
         if s != 0 {
-            return Err(nv_err(format!("nvjpegDecodeBatched of {} images", jpegs.len()), s));
+            return Err(nv_err(
+                format!("nvjpegDecodeBatched of {} images", jpegs.len()),
+                s,
+            ));
         }
         Ok(out)
     }
@@ -313,7 +345,10 @@ mod tests {
             }
             Err(e) => {
                 assert!(!library_present());
-                assert!(e.contains("libnvjpeg.so.13") && e.contains("LD_LIBRARY_PATH"), "{e}");
+                assert!(
+                    e.contains("libnvjpeg.so.13") && e.contains("LD_LIBRARY_PATH"),
+                    "{e}"
+                );
                 assert_eq!(version(), None);
             }
         }

@@ -460,3 +460,85 @@ fn the_quick_device_check_passes_or_reports_no_gpu() {
         }
     }
 }
+
+#[test]
+fn sinkhorn_kernels_match_the_cpu_codes() {
+    use sdengine::backend::cuda::sinkhorn;
+    use sdengine::dist::SingleProcess;
+    use sdengine::methods::sinkhorn::{sinkhorn as cpu_sinkhorn, SinkhornParams};
+    let Some(g) = gpu("sinkhorn_kernels") else {
+        return;
+    };
+    // Odd sizes (partial warps and blocks) and a Suave-like shape; 0 and 3 iterations.
+    for (b, k, it) in [(37usize, 53usize, 3usize), (512, 300, 3), (64, 100, 0)] {
+        let p = SinkhornParams {
+            epsilon: 0.05,
+            iterations: it,
+        };
+        let s = random(&format!("sk{b}.{k}"), b * k);
+        let want = cpu_sinkhorn(
+            &Tensor::from_vec(s.clone(), &[b, k]).unwrap(),
+            p,
+            &SingleProcess,
+        )
+        .unwrap();
+        let sd = g.upload(&s).unwrap();
+        let q = sinkhorn::fused(&g, &sd, b, k, p).unwrap();
+        let e = rel_l2(&g.download(&q).unwrap(), want.data());
+        assert!(e < 1e-4, "fused B{b} K{k} it{it}: rel err {e}");
+        if it > 0 {
+            let q = sinkhorn::per_iteration(&g, &sd, b, k, p).unwrap();
+            let e = rel_l2(&g.download(&q).unwrap(), want.data());
+            assert!(e < 1e-4, "per-iteration B{b} K{k}: rel err {e}");
+        }
+    }
+}
+
+#[test]
+fn softmax_ce_kernels_match_the_cpu_loss() {
+    use sdengine::backend::cpu::loss::{
+        cross_entropy_backward, cross_entropy_forward, CrossEntropyParams,
+    };
+    use sdengine::backend::cuda::softmax_ce;
+    let Some(g) = gpu("softmax_ce_kernels") else {
+        return;
+    };
+    let p = CrossEntropyParams {
+        temperature: 0.1,
+        label_smoothing: 0.01,
+    };
+    // 256-thread rows and the 1024-thread path for wide rows (K >= 16384).
+    for (b, k) in [(7usize, 1000usize), (3, 20_000)] {
+        let z = round_bf16(&random(&format!("z{b}.{k}"), b * k));
+        let mut t: Vec<f32> = random(&format!("t{b}.{k}"), b * k)
+            .iter()
+            .map(|v| v.abs() + 1e-3)
+            .collect();
+        for row in t.chunks_exact_mut(k) {
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s);
+        }
+        let zt = Tensor::from_vec(z.clone(), &[b, k]).unwrap();
+        let tt = Tensor::from_vec(t.clone(), &[b, k]).unwrap();
+        let (loss, ctx) = cross_entropy_forward(&zt, &tt, p).unwrap();
+        let dz = cross_entropy_backward(0.5f32, &tt, &ctx).unwrap();
+        let (zd, td) = (g.upload_bf16(&z).unwrap(), g.upload(&t).unwrap());
+        let f = softmax_ce::forward(&g, &zd, &td, b, k, p).unwrap();
+        let got = g.download(&f.loss).unwrap();
+        assert!(
+            rel_l2(&got, &[loss]) < 1e-4,
+            "B{b} K{k}: loss {got:?} vs {loss}"
+        );
+        let dzd = softmax_ce::backward(&g, &zd, &td, &f, b, k, p, 0.5).unwrap();
+        let e = rel_l2(&g.download_bf16(&dzd).unwrap(), dz.data());
+        assert!(e < 1e-2, "B{b} K{k}: dz rel err {e}");
+        let (l2, dz2) = softmax_ce::fused(&g, &zd, &td, b, k, p, 0.5).unwrap();
+        assert!(rel_l2(&g.download(&l2).unwrap(), &[loss]) < 1e-4);
+        let e = rel_l2(&g.download_bf16(&dz2).unwrap(), dz.data());
+        assert!(e < 1e-2, "B{b} K{k}: fused dz rel err {e}");
+    }
+    // Mismatched sizes are refused before any launch.
+    let zd = g.upload_bf16(&random("zz", 10)).unwrap();
+    let td = g.upload(&random("tt", 12)).unwrap();
+    assert!(softmax_ce::forward(&g, &zd, &td, 2, 5, p).is_err());
+}

@@ -10,6 +10,7 @@
 //! - its A (our B): `trans_b` ? k × n : n × k
 //! - its B (our A): `trans_a` ? m × k : k × m
 //! - its C/D: n × m (our row-major C[m, n]).
+//!
 //! The epilogue's bias has one value per row of its D, i.e. per COLUMN of our C: exactly a
 //! linear layer's `b[out]` added to every row `y[r, :]`.
 //!
@@ -29,6 +30,7 @@ use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -259,15 +261,13 @@ impl Lt {
         let what = || format!("{g:?}");
         let mut plans = self.plans.borrow_mut();
         let key = (*g, out);
-        if !plans.contains_key(&key) {
-            let plan = self
-                .make_plan(g, out, bias)
-                .map_err(|e| lt_err(what(), e))?;
-            plans.insert(key, plan);
-        }
-        let plan = plans
-            .get(&key)
-            .unwrap_or_else(|| unreachable!("plan inserted above"));
+        let plan = match plans.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(
+                self.make_plan(g, out, bias)
+                    .map_err(|e| lt_err(what(), e))?,
+            ),
+        };
         // SAFETY: the descriptor belongs to the plan; the bias pointer (a live device buffer of
         // n elements, checked by the caller) is read when the matmul is enqueued below.
         if let Some(bias_ptr) = bias {

@@ -22,6 +22,7 @@ use cudarc::cudnn::{
 use cudarc::driver::{CudaStream, CudaViewMut};
 use half::bf16;
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -148,13 +149,10 @@ impl Dnn {
     /// The plan of `s`, made on first use.
     fn with_plan<R>(&self, s: &ConvShape, f: impl FnOnce(&mut Plan) -> Result<R>) -> Result<R> {
         let mut plans = self.plans.borrow_mut();
-        if !plans.contains_key(s) {
-            let p = self.make_plan(s)?;
-            plans.insert(*s, p);
-        }
-        let plan = plans
-            .get_mut(s)
-            .unwrap_or_else(|| unreachable!("plan inserted above"));
+        let plan = match plans.entry(*s) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(self.make_plan(s)?),
+        };
         f(plan)
     }
 

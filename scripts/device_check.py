@@ -91,7 +91,7 @@ def torch_op(torch, F, spec):
             try:
                 torch.mm(A, Bm, out_dtype=torch.float32)
                 return lambda: torch.mm(A, Bm, out_dtype=torch.float32)
-            except TypeError:
+            except Exception:  # noqa: BLE001 - older PyTorch without mm(out_dtype=)
                 return lambda: torch.mm(A, Bm).float()
         return lambda: torch.mm(A, Bm)
     if kind == "conv":

@@ -137,6 +137,17 @@ def torch_op(torch, F, spec):
                 return zz.grad
             return fwdbwd
         return None
+    if kind == "adamw":
+        params = [rnd(torch, (int(n),), torch.float32) for n in spec["sizes"]]
+        for p in params:
+            p.grad = rnd(torch, p.shape, torch.float32)
+        # PyTorch's fastest AdamW: the fused CUDA kernel (no bf16 shadow: it writes 2 bytes/elem less).
+        try:
+            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04, fused=True)
+        except Exception:  # noqa: BLE001
+            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04, foreach=True)
+        opt.step()
+        return opt.step
     if kind == "sinkhorn":
         b, k = int(spec["b"]), int(spec["k"])
         scores = F.normalize(rnd(torch, (b, 128), torch.float32), dim=1) @ F.normalize(

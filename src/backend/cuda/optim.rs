@@ -176,6 +176,7 @@ pub fn adamw_step(
 }
 
 /// The CPU formula of one element (for checks): returns (p, m, v).
+#[allow(clippy::too_many_arguments)]
 pub fn adamw_reference(
     p: f32,
     g: f32,

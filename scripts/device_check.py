@@ -137,6 +137,13 @@ def torch_op(torch, F, spec):
                 return zz.grad
             return fwdbwd
         return None
+    if kind == "layernorm":
+        rows, d = int(spec["rows"]), int(spec["d"])
+        x = rnd(torch, (rows, d), bf16)
+        g = rnd(torch, (d,), torch.float32) * 0.5 + 1
+        b = rnd(torch, (d,), torch.float32)
+        # As under autocast: bf16 activations, fp32 affine parameters, bf16 out.
+        return lambda: F.layer_norm(x, (d,), g.to(bf16), b.to(bf16), float(spec["eps"]))
     if kind == "adamw":
         params = [rnd(torch, (int(n),), torch.float32) for n in spec["sizes"]]
         for p in params:

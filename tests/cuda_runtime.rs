@@ -606,3 +606,46 @@ fn adamw_multi_tensor_update_matches_the_cpu_formula() {
         );
     }
 }
+
+#[test]
+fn layernorm_forward_matches_the_cpu() {
+    use sdengine::backend::cpu::norm::layer_norm_forward;
+    use sdengine::backend::cuda::norm::layernorm_forward;
+    let Some(g) = gpu("layernorm_forward") else {
+        return;
+    };
+    if sdengine::backend::kernels::module("norm").is_none() {
+        println!("SKIP layernorm_forward: no norm module in this build's kernel table");
+        return;
+    }
+    // Rows not a multiple of the 8 rows per block, widths below and above one warp's stride.
+    for (rows, d) in [(13usize, 384usize), (9, 20), (3, 1000)] {
+        let x = round_bf16(&random(&format!("lnx{d}"), rows * d));
+        let gm: Vec<f32> = random(&format!("lng{d}"), d)
+            .iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect();
+        let b = random(&format!("lnb{d}"), d);
+        let (want, _) = layer_norm_forward(
+            &Tensor::from_vec(x.clone(), &[rows, d]).unwrap(),
+            &Tensor::from_vec(gm.clone(), &[d]).unwrap(),
+            &Tensor::from_vec(b.clone(), &[d]).unwrap(),
+            1e-6,
+        )
+        .unwrap();
+        let (xd, gd, bd) = (
+            g.upload_bf16(&x).unwrap(),
+            g.upload(&gm).unwrap(),
+            g.upload(&b).unwrap(),
+        );
+        let out = layernorm_forward(&g, &xd, &gd, &bd, rows, d, 1e-6).unwrap();
+        let e = rel_l2(&g.download_bf16(&out.y).unwrap(), want.data());
+        assert!(e < 1e-2, "R{rows} D{d}: rel err {e}");
+        let means = g.download(&out.mean).unwrap();
+        let want_mean: Vec<f32> = x
+            .chunks(d)
+            .map(|r| r.iter().sum::<f32>() / d as f32)
+            .collect();
+        assert!(rel_l2(&means, &want_mean) < 1e-3);
+    }
+}

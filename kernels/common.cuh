@@ -35,6 +35,12 @@
 
 #define FULL_MASK 0xffffffffu
 
+// Grid-stride loop over [0, n) with 32-bit indices: callers keep n < 2^31 (the launch wrappers
+// check it), which makes the per-element channel index `i % C` a 32-bit division, several
+// times cheaper on the GPU than the 64-bit one.
+#define GRID_STRIDE_LOOP(i, n) \
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n); i += gridDim.x * blockDim.x)
+
 typedef __nv_bfloat16 bf16;
 
 // Sum / max over the 32 lanes of a warp; every lane gets the result.

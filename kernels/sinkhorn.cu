@@ -85,8 +85,8 @@ KERNEL void sinkhorn_fused(const float* __restrict__ S, float* __restrict__ u,
         }
         __syncthreads();
     }
-    for (size_t i = tid; i < (size_t)B * K; i += nthreads) {
-        const int b = (int)(i / K), k = (int)(i % K);
+    for (unsigned i = tid; i < (unsigned)B * (unsigned)K; i += nthreads) {   // B K < 2^31
+        const int b = (int)(i / (unsigned)K), k = (int)(i % (unsigned)K);
         Q[i] = expf(S[i] * inv_eps) * u[k] * v[b] * b_total;
     }
 }
@@ -117,8 +117,8 @@ KERNEL void sinkhorn_col_update(const float* __restrict__ S, const float* __rest
 KERNEL void sinkhorn_codes(const float* __restrict__ S, const float* __restrict__ r,
                            const float* __restrict__ v, float* __restrict__ Q, int B, int K,
                            float inv_eps, float b_total) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * K) return;
-    const int b = (int)(i / K), k = (int)(i % K);
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;   // B K < 2^31
+    if (i >= (unsigned)B * (unsigned)K) return;
+    const int b = (int)(i / (unsigned)K), k = (int)(i % (unsigned)K);
     Q[i] = expf(S[i] * inv_eps) / ((float)K * r[k]) * v[b] * b_total;
 }

@@ -19,6 +19,7 @@ pub mod optim;
 pub mod rng;
 pub mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{Device, Tensor};

@@ -264,7 +264,7 @@ pub struct SemiSupervised {
     pub unlabelled: Dataset,
     /// The labelled subset.
     pub labelled: Dataset,
-    /// `val/`, when present.
+    /// `val/` (or `test/`), when present.
     pub val: Option<Dataset>,
 }
 
@@ -282,7 +282,8 @@ pub enum LabelSpec {
 }
 
 impl SemiSupervised {
-    /// Reads `<root>/train` (required) and `<root>/val` (optional) and picks the labelled subset.
+    /// Reads `<root>/train` (required) and `<root>/val` or `<root>/test` (optional) and picks
+    /// the labelled subset.
     pub fn open(root: &Path, labels: &LabelSpec) -> DataResult<SemiSupervised> {
         if !root.is_dir() {
             return Err(DataError::MissingFolder {
@@ -297,11 +298,15 @@ impl SemiSupervised {
             LabelSpec::PerClass(n, seed) => unlabelled.subset_per_class(*n, *seed)?,
             LabelSpec::All => unlabelled.clone(),
         };
-        let val_dir = root.join("val");
-        let val = if val_dir.is_dir() {
-            Some(Dataset::image_folder(&val_dir)?)
-        } else {
-            None
+        // ImageNet names its held-out split `val/`; CIFAR-style folders (and the embedded
+        // default set) name it `test/`.
+        let val = match ["val", "test"]
+            .iter()
+            .map(|d| root.join(d))
+            .find(|d| d.is_dir())
+        {
+            Some(dir) => Some(Dataset::image_folder(&dir)?),
+            None => None,
         };
         Ok(SemiSupervised {
             unlabelled,

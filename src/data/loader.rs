@@ -319,6 +319,7 @@ pub struct EpochLoader {
     handles: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     next: usize,
+    start: usize,
     total: usize,
     failed: bool,
 }
@@ -331,6 +332,20 @@ impl EpochLoader {
         cfg: LoaderConfig,
         epoch: u64,
         bad: Arc<BadInput>,
+    ) -> DataResult<EpochLoader> {
+        Self::starting_at(dataset, kind, cfg, epoch, bad, 0)
+    }
+
+    /// Starts the workers for `epoch` at batch `start` (a resumed run): the batches are the
+    /// same as those an epoch started at 0 yields from its `start`-th on, because every batch
+    /// depends only on (seed, stream, epoch, rank, batch index), and none before `start` is built.
+    pub fn starting_at(
+        dataset: Arc<Dataset>,
+        kind: BatchKind,
+        cfg: LoaderConfig,
+        epoch: u64,
+        bad: Arc<BadInput>,
+        start: usize,
     ) -> DataResult<EpochLoader> {
         cfg.check()?;
         if dataset.samples.is_empty() {
@@ -358,15 +373,17 @@ impl EpochLoader {
         let stop = Arc::new(AtomicBool::new(false));
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
-        for w in 0..workers.min(total.max(1)) {
+        let start = start.min(total);
+        let left = total - start;
+        for w in 0..workers.min(left.max(1)) {
             let (tx, rx) = sync_channel(cap);
             let job = Arc::clone(&job);
             let stop = Arc::clone(&stop);
-            let n = workers.min(total.max(1));
+            let n = workers.min(left.max(1));
             let h = std::thread::Builder::new()
                 .name(format!("sdengine-data-{w}"))
                 .spawn(move || {
-                    let mut b = w;
+                    let mut b = start + w;
                     while b < total && !stop.load(Ordering::Relaxed) {
                         let r = job.build(b);
                         let failed = r.is_err();
@@ -384,7 +401,8 @@ impl EpochLoader {
             receivers,
             handles,
             stop,
-            next: 0,
+            next: start,
+            start,
             total,
             failed: false,
         })
@@ -399,6 +417,11 @@ impl EpochLoader {
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
+
+    /// Index (in the epoch) of the batch the next call to `next` returns.
+    pub fn position(&self) -> usize {
+        self.next
+    }
 }
 
 impl Iterator for EpochLoader {
@@ -409,7 +432,7 @@ impl Iterator for EpochLoader {
             return None;
         }
         let n = self.receivers.len();
-        let r = match self.receivers[self.next % n].recv() {
+        let r = match self.receivers[(self.next - self.start) % n].recv() {
             Ok(r) => r,
             Err(_) => Err(DataError::Invalid(
                 "a loader thread stopped unexpectedly".into(),
@@ -473,6 +496,29 @@ impl CyclingLoader {
     /// The epoch of the batches being returned.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Where the next batch comes from: (labelled epoch, batch index in it). A checkpoint stores
+    /// it and [`CyclingLoader::seek`] returns there.
+    pub fn position(&self) -> (u64, usize) {
+        (
+            self.epoch,
+            self.current.as_ref().map_or(0, |l| l.position()),
+        )
+    }
+
+    /// Continues from a position saved with [`CyclingLoader::position`].
+    pub fn seek(&mut self, epoch: u64, batch: usize) -> DataResult<()> {
+        self.epoch = epoch;
+        self.current = Some(EpochLoader::starting_at(
+            Arc::clone(&self.dataset),
+            self.kind.clone(),
+            self.cfg.clone(),
+            epoch,
+            Arc::clone(&self.bad),
+            batch,
+        )?);
+        Ok(())
     }
 
     /// The next batch; never ends, except on an error.

@@ -9,6 +9,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod decode;
+pub mod embedded;
 pub mod error;
 pub mod image;
 pub mod loader;

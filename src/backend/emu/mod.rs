@@ -12,8 +12,11 @@
 use crate::error::{Error, Result};
 use std::ffi::c_void;
 
+pub mod augment;
 pub mod elementwise;
+pub mod mixup;
 pub mod norm;
+pub mod optim;
 pub mod sinkhorn;
 pub mod softmax_ce;
 
@@ -113,6 +116,18 @@ pub unsafe fn launch_raw(
         return Err(Error::invalid(
             OP,
             format!("{module}::{kernel}: launch failed ({rc})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors unless `threads` is a whole number of warps, 32..=1024 (what every kernel's warp
+/// reductions assume).
+pub(crate) fn check_threads(op: &'static str, threads: u32) -> Result<()> {
+    if threads == 0 || threads > 1024 || !threads.is_multiple_of(32) {
+        return Err(Error::invalid(
+            op,
+            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
         ));
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! per-iteration steps for several ranks, with the launch configurations the GPU runtime uses
 //! (block size left to the caller so tests can pick small, awkward ones).
 
-use super::{arg, as_i32, check_len, launch_raw, LaunchConfig, Mode};
+use super::{arg, as_i32, check_len, check_threads, launch_raw, LaunchConfig, Mode};
 use crate::error::{Error, Result};
 
 /// Checks ε and the `[b, k]` scores; returns `(B, K, 1/ε)` as the kernels take them.
@@ -26,21 +26,12 @@ fn prepare(
         ));
     }
     check_len(op, "scores", scores.len(), b * k)?;
+    as_i32(op, "rows·prototypes", b * k)?;
     Ok((
         as_i32(op, "rows", b)?,
         as_i32(op, "prototypes", k)?,
         (1.0 / epsilon) as f32,
     ))
-}
-
-fn check_threads(op: &'static str, threads: u32) -> Result<()> {
-    if threads == 0 || threads > 1024 || threads % 32 != 0 {
-        return Err(Error::invalid(
-            op,
-            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
-        ));
-    }
-    Ok(())
 }
 
 /// Output of [`sinkhorn_fused`]: the codes and the scaling vectors `Q = diag(v)·E·diag(u)·B`.

@@ -2,7 +2,7 @@
 //! targets and label smoothing (reference: `backend::cpu::loss`), forward, backward from the
 //! saved log-sum-exp, and the fused forward+backward; one block per row.
 
-use super::{arg, as_i32, check_len, launch_raw, LaunchConfig, Mode};
+use super::{arg, as_i32, check_len, check_threads, launch_raw, LaunchConfig, Mode};
 use crate::backend::cpu::loss::CrossEntropyParams;
 use crate::error::{Error, Result};
 use half::bf16;
@@ -39,12 +39,7 @@ fn prepare(
     }
     check_len(op, "logits", logits.len(), b * k)?;
     check_len(op, "targets", target.len(), b * k)?;
-    if threads == 0 || threads > 1024 || threads % 32 != 0 {
-        return Err(Error::invalid(
-            op,
-            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
-        ));
-    }
+    check_threads(op, threads)?;
     Ok((
         as_i32(op, "rows", b)?,
         as_i32(op, "classes", k)?,
@@ -57,11 +52,9 @@ fn prepare(
 pub fn ce_loss_mean(mode: Mode, row_loss: &[f32], threads: u32) -> Result<f32> {
     const OP: &str = "emu::ce_loss_mean";
     let bi = as_i32(OP, "rows", row_loss.len())?;
-    if bi == 0 || threads == 0 || threads > 1024 || threads % 32 != 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("{bi} rows, {threads} threads: need rows and a multiple of 32 threads"),
-        ));
+    check_threads(OP, threads)?;
+    if bi == 0 {
+        return Err(Error::invalid(OP, "no rows to average: row_loss is empty"));
     }
     let mut loss = 0.0f32;
     let (pl, po) = (row_loss.as_ptr(), &mut loss as *mut f32);

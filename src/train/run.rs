@@ -1,0 +1,609 @@
+//! The training loop: data, model, epochs, evaluation, metrics, checkpoints, resume, Ctrl-C.
+//!
+//! An epoch is one pass over the unlabelled set (spec §1.10: `N = floor(ceil(n / world) / bs)`
+//! iterations); each iteration also takes the next batch of the endlessly cycling labelled
+//! loader. The supervised baseline runs the same iterations on the labelled batches alone.
+
+use super::checkpoint::{self, MethodState, Position};
+use super::config::{Method, TrainConfig};
+use super::daino::DainoState;
+use super::metrics::{append_jsonl, StepMetrics};
+use super::progress::Progress;
+use super::suave::SuaveState;
+use crate::data::augment::{MultiCrop, SUAVE_NORM};
+use crate::data::{
+    BadInput, BatchKind, CyclingLoader, Dataset, EpochLoader, LabelSpec, LoaderConfig,
+    SemiSupervised,
+};
+use crate::dist::{Communicator, SingleProcess};
+use crate::error::{Error, Result};
+use crate::io::import::{
+    dino_init, load_into, read_dino_init, read_swav_init, swav_init, ImportOptions,
+};
+use crate::io::safetensors::{read_tensors, save_store, save_stores};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// How a run starts.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from `<output>/checkpoint.safetensors`.
+    pub resume: bool,
+    /// Overwrite an existing run folder.
+    pub force: bool,
+    /// No progress display (tests).
+    pub quiet: bool,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// The run folder.
+    pub output: PathBuf,
+    /// Iterations done in all.
+    pub steps: usize,
+    /// Means of the last epoch's training metrics and of the last evaluation.
+    pub last: BTreeMap<String, f64>,
+    /// Stopped early (Ctrl-C or `max_steps`); the checkpoint holds the position.
+    pub stopped: bool,
+    /// The resolved configuration.
+    pub config: TrainConfig,
+}
+
+/// Files of a run folder.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+const CONFIG: &str = "config.json";
+const METRICS: &str = "metrics.jsonl";
+const FINAL: &str = "final.safetensors";
+const SUMMARY: &str = "summary.json";
+
+/// Settings a resumed run may change: they do not alter the numbers.
+const RESUME_MAY_CHANGE: [&str; 6] = [
+    "max_steps",
+    "workers",
+    "log_every",
+    "device",
+    "output",
+    "resolved_data_path",
+];
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |err| Error::Io {
+        path: path.display().to_string(),
+        err,
+    }
+}
+
+/// The unlabelled multi-crop recipe of `cfg`.
+pub fn unlabelled_crops(cfg: &TrainConfig) -> MultiCrop {
+    if cfg.method == Method::Daino || (cfg.method == Method::Supervised && !cfg.arch.is_resnet()) {
+        let base = MultiCrop::daino_unlabelled();
+        let mut views = Vec::new();
+        for g in &base.views[..2] {
+            let mut v = g.clone();
+            v.size = cfg.global_crop_size;
+            v.scale = cfg.global_crops_scale;
+            views.push(v);
+        }
+        let mut local = base.views[2].clone();
+        local.size = cfg.local_crop_size;
+        local.scale = cfg.local_crops_scale;
+        views.extend(std::iter::repeat_n(local, cfg.local_crops_number));
+        MultiCrop { views }
+    } else {
+        let template = MultiCrop::suave_unlabelled(cfg.color_jit_unlab).views[0].clone();
+        let mut views = Vec::new();
+        for (i, &n) in cfg.nmb_crops.iter().enumerate() {
+            let mut v = template.clone();
+            v.size = cfg.size_crops[i];
+            v.scale = (cfg.min_scale_crops[i], cfg.max_scale_crops[i]);
+            views.extend(std::iter::repeat_n(v, n));
+        }
+        MultiCrop { views }
+    }
+}
+
+/// The labelled recipe of `cfg`.
+pub fn labelled_crops(cfg: &TrainConfig) -> MultiCrop {
+    let mut m = if cfg.light_augment_lab {
+        MultiCrop::labelled_light()
+    } else {
+        MultiCrop::labelled()
+    };
+    for v in &mut m.views {
+        v.size = cfg.lab_crop_size;
+        v.scale = cfg.lab_crop_scale;
+    }
+    m
+}
+
+fn label_spec(cfg: &TrainConfig) -> LabelSpec {
+    if let Some(l) = &cfg.labels_list {
+        LabelSpec::List(l.clone())
+    } else if let Some(n) = cfg.labels_per_class {
+        LabelSpec::PerClass(n, cfg.seed)
+    } else if let Some(p) = cfg.labels_perc {
+        LabelSpec::Percent(p, cfg.seed)
+    } else {
+        LabelSpec::All
+    }
+}
+
+/// Iterations per epoch: `floor(ceil(n / world) / bs)` (DistributedSampler + drop_last).
+pub fn iters_per_epoch(n: usize, world: usize, bs: usize) -> usize {
+    n.div_ceil(world.max(1)) / bs.max(1)
+}
+
+fn differing_settings(a: &TrainConfig, b: &TrainConfig) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(x)), Ok(serde_json::Value::Object(y))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return vec!["<unreadable config>".into()];
+    };
+    x.iter()
+        .filter(|(k, v)| !RESUME_MAY_CHANGE.contains(&k.as_str()) && y.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            format!(
+                "{k} (checkpoint {}, now {v})",
+                y.get(k).cloned().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// Prepares the run folder: refuses to overwrite a run without `resume` or `force`, and fails
+/// now, not after an epoch, when the folder cannot be written.
+fn prepare_output(cfg: &TrainConfig, opts: &RunOptions) -> Result<()> {
+    let out = &cfg.output;
+    let has_run = out.join(CONFIG).exists() || out.join(CHECKPOINT).exists();
+    if has_run && !opts.resume && !opts.force {
+        return Err(Error::invalid(
+            "--output",
+            format!(
+                "{} already holds a run; pass --resume to continue it or --force to start over",
+                out.display()
+            ),
+        ));
+    }
+    if opts.resume && !out.join(CHECKPOINT).exists() {
+        return Err(Error::invalid(
+            "--resume",
+            format!("no checkpoint at {}", out.join(CHECKPOINT).display()),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    if opts.force && !opts.resume {
+        for f in [CONFIG, METRICS, CHECKPOINT, FINAL, SUMMARY] {
+            let p = out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    // Probe writability now.
+    let probe = out.join(".sdengine-write-test");
+    std::fs::write(&probe, b"ok").map_err(io_err(&probe))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn apply_init(cfg: &TrainConfig, state: &mut MethodState) -> Result<()> {
+    let Some(path) = &cfg.init else {
+        return Ok(());
+    };
+    let is_st = path.extension().is_some_and(|e| e == "safetensors");
+    let opts = ImportOptions::official_init();
+    let src = path.display().to_string();
+    match state {
+        MethodState::Suave(s) => {
+            let sd = if is_st {
+                swav_init(read_tensors(path)?.0, cfg.init_proj)
+            } else {
+                read_swav_init(path, cfg.init_proj)?
+            };
+            load_into(&mut s.store, sd, &opts, &src)?;
+        }
+        MethodState::Daino(d) => {
+            let sd = if is_st {
+                dino_init(read_tensors(path)?.0, cfg.init_proj)
+            } else {
+                read_dino_init(path, cfg.init_proj)?
+            };
+            load_into(&mut d.student_store, sd, &opts, &src)?;
+            for (t, s) in d
+                .teacher_store
+                .entries_mut()
+                .iter_mut()
+                .zip(d.student_store.entries())
+            {
+                t.value = s.value.clone();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn evaluate(
+    state: &mut MethodState,
+    cfg: &TrainConfig,
+    val: &Arc<Dataset>,
+    bad: &Arc<BadInput>,
+    quiet: bool,
+) -> Result<BTreeMap<String, f64>> {
+    let lc = LoaderConfig {
+        seed: cfg.seed,
+        stream: 2,
+        rank: 0,
+        world: 1,
+        batch_size: cfg.eval_batch_size,
+        workers: cfg.workers,
+        prefetch: 2 * cfg.workers,
+        shuffle: false,
+        drop_last: false,
+    };
+    let kind = BatchKind::Eval {
+        resize: cfg.eval_resize,
+        crop: cfg.eval_crop,
+        norm: SUAVE_NORM,
+    };
+    let loader = EpochLoader::new(Arc::clone(val), kind, lc, 0, Arc::clone(bad))?;
+    let mut progress = Progress::new(loader.len(), "eval", quiet);
+    let mut acc = StepMetrics::default();
+    for (i, b) in loader.enumerate() {
+        let b = b?;
+        match state {
+            MethodState::Suave(s) => s.eval_batch(&b.views[0], &b.labels, &mut acc)?,
+            MethodState::Daino(d) => d.eval_batch(&b.views[0], &b.labels, &mut acc)?,
+        }
+        progress.update(i + 1, &[], b.labels.len());
+    }
+    progress.finish("");
+    Ok(acc.means())
+}
+
+/// Trains as `cfg` says, on one process. `stop` is raised by Ctrl-C: the loop then writes a
+/// checkpoint at the current position and returns with `stopped`.
+pub fn train(mut cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary> {
+    cfg.validate()?;
+    if cfg.device == "cuda" {
+        return Err(Error::invalid(
+            "--device",
+            "training on CUDA is not wired into the trainer yet (the CUDA kernels and runtime are checked by `sdengine device-check`); use --device cpu or auto",
+        ));
+    }
+    prepare_output(&cfg, opts)?;
+    let comm = SingleProcess;
+    let world = comm.world_size();
+    let rank = comm.rank();
+
+    // Resume: the checkpoint's settings win; only harmless ones may change.
+    let ckpt_path = cfg.output.join(CHECKPOINT);
+    let resumed = if opts.resume {
+        let (pos, tensors) = checkpoint::read_position(&ckpt_path)?;
+        let diff = differing_settings(&cfg, &pos.config);
+        if !diff.is_empty() {
+            return Err(Error::invalid(
+                "--resume",
+                format!("settings differ from the checkpoint's: {}", diff.join("; ")),
+            ));
+        }
+        Some((pos, tensors))
+    } else {
+        None
+    };
+
+    // Data.
+    let root = match &cfg.data_path {
+        Some(p) => p.clone(),
+        None => crate::data::embedded::cifar10_mini_dir()?,
+    };
+    let sets = SemiSupervised::open(&root, &label_spec(&cfg))?;
+    cfg.resolved_data_path = Some(root.clone());
+    cfg.num_classes = sets.unlabelled.classes.len();
+    if sets.labelled.samples.len() < cfg.lab_batch_size {
+        return Err(Error::invalid(
+            "--lab-batch-size",
+            format!(
+                "{} labelled images, fewer than one labelled batch of {}",
+                sets.labelled.samples.len(),
+                cfg.lab_batch_size
+            ),
+        ));
+    }
+    let iters = iters_per_epoch(sets.unlabelled.samples.len(), world, cfg.batch_size);
+    if iters == 0 {
+        return Err(Error::invalid(
+            "--batch-size",
+            format!(
+                "{} unlabelled images give no full batch of {}",
+                sets.unlabelled.samples.len(),
+                cfg.batch_size
+            ),
+        ));
+    }
+    let bad = Arc::new(BadInput::default());
+    let unlab_set = Arc::new(sets.unlabelled.clone());
+    let lab_set = Arc::new(sets.labelled.clone());
+    let val_set = sets.val.clone().map(Arc::new);
+    let workers = cfg.workers;
+    let loader_cfg = |stream: u64, bs: usize| LoaderConfig {
+        seed: cfg.seed,
+        stream,
+        rank,
+        world,
+        batch_size: bs,
+        workers,
+        prefetch: 2 * workers,
+        shuffle: true,
+        drop_last: true,
+    };
+    let unlab_kind = BatchKind::Unlabelled {
+        crops: unlabelled_crops(&cfg),
+        mix_globals: cfg.method == Method::Suave && cfg.mixup_unlab,
+    };
+    let lab_kind = BatchKind::Labelled {
+        crops: labelled_crops(&cfg),
+        mixup_extend: cfg.mixup_lab,
+        classes: cfg.num_classes,
+    };
+    let mut lab_loader = CyclingLoader::new(
+        Arc::clone(&lab_set),
+        lab_kind,
+        loader_cfg(1, cfg.lab_batch_size),
+        0,
+        Arc::clone(&bad),
+    )?;
+
+    // Model.
+    let mut state = if cfg.arch.is_resnet() {
+        MethodState::Suave(Box::new(SuaveState::new(&cfg, iters, world)?))
+    } else {
+        MethodState::Daino(Box::new(DainoState::new(&cfg, iters, world)?))
+    };
+    let (mut epoch, mut batch, mut step, mut epoch_metrics) = (0, 0, 0, StepMetrics::default());
+    if let Some((pos, tensors)) = &resumed {
+        checkpoint::restore(&ckpt_path, &mut state, pos, tensors)?;
+        epoch = pos.epoch;
+        batch = pos.batch;
+        step = pos.step;
+        epoch_metrics = pos.epoch_metrics.clone();
+        lab_loader.seek(pos.lab_epoch, pos.lab_batch)?;
+    } else {
+        apply_init(&cfg, &mut state)?;
+        let json = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::invalid("config", e.to_string()))?;
+        let p = cfg.output.join(CONFIG);
+        std::fs::write(&p, json).map_err(io_err(&p))?;
+    }
+    let metrics_path = cfg.output.join(METRICS);
+    let position = |epoch, batch, step, lab: &CyclingLoader, m: &StepMetrics| {
+        let (lab_epoch, lab_batch) = lab.position();
+        Position {
+            format: checkpoint::FORMAT,
+            epoch,
+            batch,
+            step,
+            lab_epoch,
+            lab_batch,
+            epoch_metrics: m.clone(),
+            adamw_steps: BTreeMap::new(),
+            config: cfg.clone(),
+        }
+    };
+    let save = |state: &MethodState, pos: &Position| -> Result<()> {
+        checkpoint::save(&ckpt_path, state, pos)
+    };
+    let images_per_step = cfg.lab_batch_size
+        + if cfg.method == Method::Supervised {
+            0
+        } else {
+            cfg.batch_size
+        };
+    let mut last = BTreeMap::new();
+    let mut stopped = false;
+    if step == 0 && !opts.quiet {
+        eprintln!(
+            "{} on {} ({} classes; {} unlabelled, {} labelled, {} val images): {} epochs x {} iterations, arch {}",
+            cfg.method.name(),
+            root.display(),
+            cfg.num_classes,
+            sets.unlabelled.samples.len(),
+            sets.labelled.samples.len(),
+            sets.val.as_ref().map_or(0, |v| v.samples.len()),
+            cfg.epochs,
+            iters,
+            cfg.arch.name()
+        );
+    }
+    'epochs: while epoch < cfg.epochs {
+        let mut unlab_loader = if cfg.method == Method::Supervised {
+            None
+        } else {
+            Some(EpochLoader::starting_at(
+                Arc::clone(&unlab_set),
+                unlab_kind.clone(),
+                loader_cfg(0, cfg.batch_size),
+                epoch as u64,
+                Arc::clone(&bad),
+                batch,
+            )?)
+        };
+        let mut progress = Progress::new(
+            iters,
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            opts.quiet,
+        );
+        while batch < iters {
+            if stop.load(Ordering::Relaxed) || cfg.max_steps.is_some_and(|m| step >= m) {
+                stopped = true;
+                break 'epochs;
+            }
+            let unlab = match unlab_loader.as_mut() {
+                Some(l) => Some(l.next().ok_or_else(|| {
+                    Error::invalid("loader", "the unlabelled loader ended early")
+                })??),
+                None => None,
+            };
+            let lab = lab_loader.next_batch()?;
+            let r = match &mut state {
+                MethodState::Suave(s) => s.step(&cfg, unlab.as_ref(), &lab, step, epoch, &comm),
+                MethodState::Daino(d) => d.step(&cfg, unlab.as_ref(), &lab, step, epoch, &comm),
+            };
+            let m = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    let last_good = if ckpt_path.exists() {
+                        format!("the last good checkpoint is {}", ckpt_path.display())
+                    } else {
+                        "no checkpoint was written yet".into()
+                    };
+                    return Err(Error::invalid(
+                        "training",
+                        format!("stopped at epoch {epoch}, iteration {step}: {e}; {last_good}"),
+                    ));
+                }
+            };
+            epoch_metrics.merge(&m);
+            step += 1;
+            batch += 1;
+            let loss = m.get("train_loss").unwrap_or(f64::NAN);
+            progress.update(batch, &[("loss", loss)], images_per_step);
+            if step % cfg.log_every == 0 {
+                let mut means = m.means();
+                means.insert("bad_inputs".into(), bad.skipped() as f64);
+                append_jsonl(
+                    &metrics_path,
+                    epoch as f64 + batch as f64 / iters as f64,
+                    step,
+                    &means,
+                )?;
+            }
+        }
+        progress.finish(&format!(
+            "loss {:.4}",
+            epoch_metrics.get("train_loss").unwrap_or(f64::NAN)
+        ));
+        let mut line = epoch_metrics.means();
+        let last_epoch = epoch + 1 == cfg.epochs;
+        if let Some(val) = &val_set {
+            if (epoch + 1) % cfg.eval_every == 0 || last_epoch {
+                line.extend(evaluate(&mut state, &cfg, val, &bad, opts.quiet)?);
+            }
+        }
+        append_jsonl(&metrics_path, (epoch + 1) as f64, step, &line)?;
+        if !opts.quiet {
+            let show: Vec<String> = [
+                "train_loss",
+                "val_acc1",
+                "val_proj_0_acc1",
+                "val_student_acc1",
+            ]
+            .iter()
+            .filter_map(|k| line.get(*k).map(|v| format!("{k} {v:.3}")))
+            .collect();
+            eprintln!("epoch {}: {}", epoch + 1, show.join(", "));
+        }
+        last = line;
+        epoch += 1;
+        batch = 0;
+        epoch_metrics = StepMetrics::default();
+        let pos = position(epoch, 0, step, &lab_loader, &epoch_metrics);
+        save(&state, &pos)?;
+        if cfg.checkpoint_freq > 0 && (epoch % cfg.checkpoint_freq == 0 || epoch == cfg.epochs) {
+            let dir = cfg.output.join("checkpoints");
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let copy = dir.join(format!("ckp-{epoch}.safetensors"));
+            std::fs::copy(&ckpt_path, &copy).map_err(io_err(&copy))?;
+        }
+    }
+    if stopped {
+        let pos = position(epoch, batch, step, &lab_loader, &epoch_metrics);
+        save(&state, &pos)?;
+        if !opts.quiet {
+            eprintln!(
+                "stopped at epoch {epoch}, iteration {step}; checkpoint {} (continue with --resume)",
+                ckpt_path.display()
+            );
+        }
+    } else {
+        // Final weights under the official names, for `sdengine export` and `--init`.
+        let fin = cfg.output.join(FINAL);
+        let meta = BTreeMap::from([("method".to_string(), cfg.method.name().to_string())]);
+        match &state {
+            MethodState::Suave(s) => save_store(&fin, &s.store, &meta)?,
+            MethodState::Daino(d) => save_stores(&fin, &[("", &d.teacher_store)], &meta)?,
+        }
+        if last.is_empty() {
+            if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+                if let Some(l) = text.lines().last() {
+                    last = serde_json::from_str(l).unwrap_or_default();
+                }
+            }
+        }
+        let summary = serde_json::json!({
+            "method": cfg.method.name(),
+            "arch": cfg.arch.name(),
+            "steps": step,
+            "bad_inputs": bad.skipped(),
+            "last": last,
+        });
+        let p = cfg.output.join(SUMMARY);
+        std::fs::write(&p, summary.to_string()).map_err(io_err(&p))?;
+    }
+    if bad.skipped() > 0 && !opts.quiet {
+        eprintln!(
+            "{} unreadable images were skipped and replaced",
+            bad.skipped()
+        );
+    }
+    Ok(RunSummary {
+        output: cfg.output.clone(),
+        steps: step,
+        last,
+        stopped,
+        config: cfg,
+    })
+}
+
+/// Evaluates the checkpoint of the run folder `run` on its validation set (or on `data`).
+pub fn evaluate_run(run: &Path, data: Option<&Path>) -> Result<BTreeMap<String, f64>> {
+    let ckpt = run.join(CHECKPOINT);
+    let (pos, tensors) = checkpoint::read_position(&ckpt)?;
+    let cfg = pos.config.clone();
+    let root = match (data, &cfg.data_path) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => crate::data::embedded::cifar10_mini_dir()?,
+    };
+    let sets = SemiSupervised::open(&root, &LabelSpec::All)?;
+    let val = sets.val.ok_or_else(|| {
+        Error::invalid(
+            "eval",
+            format!(
+                "{} has no val/ or test/ folder to evaluate on",
+                root.display()
+            ),
+        )
+    })?;
+    if val.classes.len() != cfg.num_classes {
+        return Err(Error::invalid(
+            "eval",
+            format!(
+                "{} has {} classes, the model {}",
+                root.display(),
+                val.classes.len(),
+                cfg.num_classes
+            ),
+        ));
+    }
+    let mut state = if cfg.arch.is_resnet() {
+        MethodState::Suave(Box::new(SuaveState::new(&cfg, 1, 1)?))
+    } else {
+        MethodState::Daino(Box::new(DainoState::new(&cfg, 1, 1)?))
+    };
+    checkpoint::restore(&ckpt, &mut state, &pos, &tensors)?;
+    let bad = Arc::new(BadInput::default());
+    evaluate(&mut state, &cfg, &Arc::new(val), &bad, false)
+}

@@ -4,3 +4,4 @@
 pub mod cpu;
 pub mod emu;
 pub mod kernels;
+pub mod cuda;

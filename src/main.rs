@@ -68,6 +68,25 @@ enum Command {
     Launch(LaunchArgs),
     /// Write an sbatch script running an sdengine command on Slurm, one rank per GPU.
     Slurm(SlurmArgs),
+    /// Check every GPU op against the CPU backend and time it against this GPU's copy and GEMM
+    /// ceilings (scripts/device-check.sh adds PyTorch's times). Fails without a GPU.
+    DeviceCheck {
+        /// Smaller sizes and fewer repetitions (seconds instead of minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Only ops whose id contains this text (the ceilings always run).
+        #[arg(long)]
+        filter: Option<String>,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// JPEG files or folders for the nvJPEG rows (default: the repository's test JPEGs).
+        #[arg(long)]
+        images: Vec<PathBuf>,
+        /// Also write the report as JSON (read by scripts/device_check.py).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Draw runs' metrics.jsonl as a PNG: losses and val_* metrics against epoch, runs overlaid.
     Plot {
         /// Run folders (each holds metrics.jsonl).
@@ -209,6 +228,26 @@ fn run(cli: Cli) -> Result<()> {
             write_sbatch(&args, &exe)?;
             let p = sbatch_path(&args);
             println!("wrote {}; submit with: sbatch {}", p.display(), p.display());
+            Ok(())
+        }
+        Command::DeviceCheck {
+            quick,
+            filter,
+            device,
+            images,
+            json,
+        } => {
+            let mut opts = sdengine::backend::cuda::CheckOptions {
+                device,
+                quick,
+                filter,
+                images,
+                ..Default::default()
+            };
+            if quick {
+                (opts.warmup, opts.reps) = (1, 5);
+            }
+            sdengine::backend::cuda::check::cli(&opts, json.as_deref())?;
             Ok(())
         }
         Command::Plot {
@@ -427,7 +466,8 @@ fn info() -> Result<()> {
         let on: Vec<&str> = feats.iter().filter(|f| f.1).map(|f| f.0).collect();
         println!("cpu features used by the GEMM: {}", on.join(" "));
     }
-    println!("devices: cpu (training on CUDA is not wired into the trainer yet)");
+    print!("{}", sdengine::backend::cuda::probe().summary());
+    println!("training runs on the CPU (the trainer does not use the GPU yet)");
     Ok(())
 }
 

@@ -9,12 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
 OUT=${OUT:-runs/cifar10-4000}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-4}            # the ResNet pair (Suave, supervised)
+VIT_EPOCHS=${VIT_EPOCHS:-2}    # the ViT pair (Daino, supervised): ~7x the cost of an iteration
 BIN=${BIN:-target/release/sdengine}
 [ -x "$BIN" ] || cargo build --release
-common=(--data "$DATA" --recipe cifar --labels-per-class 400 --epochs "$EPOCHS" --eval-batch-size 250 --force)
-"$BIN" train --method suave                          "${common[@]}" --output "$OUT/suave"
-"$BIN" train --method supervised --arch resnet-tiny  "${common[@]}" --output "$OUT/supervised-resnet"
-"$BIN" train --method daino --base-lr 0.01           "${common[@]}" --output "$OUT/daino"
-"$BIN" train --method supervised --arch vit-tiny --base-lr 0.01 "${common[@]}" --output "$OUT/supervised-vit"
-"$BIN" plot "$OUT/suave" "$OUT/supervised-resnet" "$OUT/daino" "$OUT/supervised-vit" --output "$OUT/curves.png"
+common=(--data "$DATA" --recipe cifar --labels-per-class 400 --eval-batch-size 250 --force)
+"$BIN" train --method suave                          "${common[@]}" --epochs "$EPOCHS" --output "$OUT/suave"
+"$BIN" train --method supervised --arch resnet-tiny  "${common[@]}" --epochs "$EPOCHS" --output "$OUT/supervised-resnet"
+"$BIN" train --method daino --base-lr 0.01           "${common[@]}" --epochs "$VIT_EPOCHS" --output "$OUT/daino"
+"$BIN" train --method supervised --arch vit-tiny --base-lr 0.01 "${common[@]}" --epochs "$VIT_EPOCHS" --output "$OUT/supervised-vit"
+"$BIN" plot "$OUT/suave" "$OUT/supervised-resnet" "$OUT/daino" "$OUT/supervised-vit" --output "${PLOT:-$OUT/curves.png}"

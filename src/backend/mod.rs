@@ -2,6 +2,6 @@
 //! backward), generic over f32/f64; the CUDA backend mirrors it op family by op family.
 
 pub mod cpu;
+pub mod cuda;
 pub mod emu;
 pub mod kernels;
-pub mod cuda;

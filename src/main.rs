@@ -107,6 +107,9 @@ enum Command {
         /// Leave the legend out.
         #[arg(long)]
         no_legend: bool,
+        /// Only these metrics, comma-separated (e.g. train_loss,val_acc1); default: every loss and val_*.
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
     },
     /// Print the engine version, the CPU's vector extensions and the thread count.
     Info,
@@ -257,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
             height,
             title,
             no_legend,
+            keys,
         } => {
             let output = output.unwrap_or_else(|| runs[0].join("curves.png"));
             let opts = sdengine::train::plot::PlotOptions {
@@ -264,6 +268,7 @@ fn run(cli: Cli) -> Result<()> {
                 height,
                 title,
                 legend: !no_legend,
+                keys,
             };
             sdengine::train::plot::plot_runs(&runs, &output, &opts)
                 .with_context(|| format!("plotting into {}", output.display()))?;

@@ -367,3 +367,28 @@ fn a_single_point_and_a_missing_panel_still_draw() {
     assert!(px.len() >= 9, "marker pixels: {}", px.len());
     assert!(px.iter().all(|p| p.1 < png.h / 2));
 }
+
+/// `keys` keeps only the named metrics; a filter that matches nothing is an error.
+#[test]
+fn keys_select_the_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        "{\"epoch\":1,\"step\":1,\"train_loss\":2.0,\"val_acc1\":10}\n{\"epoch\":2,\"step\":2,\"train_loss\":1.0,\"val_acc1\":20}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("p.png");
+    let only = PlotOptions {
+        keys: vec!["val_acc1".into()],
+        ..no_legend()
+    };
+    plot_runs(std::slice::from_ref(&run), &out, &only).unwrap();
+    let none = PlotOptions {
+        keys: vec!["val_acc5".into()],
+        ..no_legend()
+    };
+    let err = plot_runs(&[run], &out, &none).unwrap_err().to_string();
+    assert!(err.contains("--keys"), "{err}");
+}

@@ -43,6 +43,8 @@ pub struct PlotOptions {
     /// Draw a legend (`run-name: key` for each series) inside each panel. Off is useful when
     /// many series would cover the data.
     pub legend: bool,
+    /// Only these metric keys (e.g. `val_acc1`, `train_loss`); empty = every loss and `val_` key.
+    pub keys: Vec<String>,
 }
 
 impl Default for PlotOptions {
@@ -52,6 +54,7 @@ impl Default for PlotOptions {
             height: 900,
             title: None,
             legend: true,
+            keys: Vec::new(),
         }
     }
 }
@@ -211,7 +214,7 @@ pub fn plot_runs(runs: &[PathBuf], output: &Path, opts: &PlotOptions) -> Result<
     let any = metrics
         .iter()
         .flat_map(|m| m.series.keys())
-        .any(|k| is_loss_key(k) || is_val_key(k));
+        .any(|k| (is_loss_key(k) || is_val_key(k)) && wanted(opts, k));
     if !any {
         let files: Vec<String> = runs
             .iter()
@@ -220,13 +223,18 @@ pub fn plot_runs(runs: &[PathBuf], output: &Path, opts: &PlotOptions) -> Result<
         return Err(Error::invalid(
             "plot",
             format!(
-                "{}: no numeric key ending in `loss` or starting with `val_` to plot",
+                "{}: no numeric key ending in `loss` or starting with `val_` (among --keys, if given) to plot",
                 files.join(", ")
             ),
         ));
     }
     let pixels = render(&metrics, opts)?;
     write_png(output, opts.width, opts.height, &pixels)
+}
+
+/// Whether `key` is among the keys asked for (all when none are).
+fn wanted(opts: &PlotOptions, key: &str) -> bool {
+    opts.keys.is_empty() || opts.keys.iter().any(|k| k == key)
 }
 
 /// One drawn series: legend label, colour, points.
@@ -258,6 +266,9 @@ fn render(metrics: &[RunMetrics], opts: &PlotOptions) -> Result<Vec<u8>> {
         let mut next = 0usize;
         for m in metrics {
             for (k, pts) in &m.series {
+                if !wanted(opts, k) {
+                    continue;
+                }
                 let target = if is_loss_key(k) {
                     &mut losses
                 } else if is_val_key(k) {

@@ -14,6 +14,7 @@
 use super::config::{Method, TrainConfig};
 use super::metrics::{topk_correct, StepMetrics};
 use super::run::{average_gradients, average_metrics};
+use super::{labelled_input, rows};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
 };
@@ -47,17 +48,6 @@ pub struct DainoState {
     wd: CosineSchedule,
     momentum: CosineSchedule,
     supervised: bool,
-}
-
-fn rows(t: &Tensor<f32>, start: usize, n: usize) -> Result<Tensor<f32>> {
-    let d = t.numel() / t.dim(0).max(1);
-    if start + n > t.dim(0) {
-        return Err(Error::shape(
-            "rows",
-            format!("rows {start}..{} of {:?}", start + n, t.shape()),
-        ));
-    }
-    Tensor::from_vec(t.data()[start * d..(start + n) * d].to_vec(), &[n, d])
 }
 
 impl DainoState {
@@ -133,16 +123,8 @@ impl DainoState {
         const OP: &str = "daino step";
         let k = cfg.num_classes;
         self.student_store.zero_grads();
-        let lab_x = lab
-            .views
-            .first()
-            .ok_or_else(|| Error::invalid(OP, "empty labelled batch"))?;
+        let (lab_x, targets, lab_clean) = labelled_input(OP, lab, k)?;
         let lab_rows = lab_x.dim(0);
-        let lab_clean = lab.labels.len();
-        let targets = match &lab.targets {
-            Some(t) => t.clone(),
-            None => one_hot::<f32>(&lab.labels, k)?,
-        };
         let unlab = if self.supervised { None } else { unlab };
         let mut crops = vec![lab_x.clone()];
         if let Some(u) = unlab {

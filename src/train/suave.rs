@@ -15,6 +15,7 @@
 use super::config::{Method, TrainConfig};
 use super::metrics::{argmax_rows, topk_correct, StepMetrics};
 use super::run::{average_gradients, average_metrics};
+use super::{labelled_input, rows};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
 };
@@ -69,17 +70,6 @@ impl Layout {
     fn total(&self) -> usize {
         self.lab_rows + (self.views + usize::from(self.mixed)) * self.bs
     }
-}
-
-fn rows(t: &Tensor<f32>, start: usize, n: usize) -> Result<Tensor<f32>> {
-    let d = t.numel() / t.dim(0).max(1);
-    if start + n > t.dim(0) {
-        return Err(Error::shape(
-            "rows",
-            format!("rows {start}..{} of {:?}", start + n, t.shape()),
-        ));
-    }
-    Tensor::from_vec(t.data()[start * d..(start + n) * d].to_vec(), &[n, d])
 }
 
 fn put_rows(dst: &mut Tensor<f32>, start: usize, src: &Tensor<f32>) {
@@ -168,16 +158,8 @@ impl SuaveState {
         let k = cfg.num_classes;
         self.net.head.normalize_prototypes(&mut self.store)?;
         self.store.zero_grads();
-        let lab_x = lab
-            .views
-            .first()
-            .ok_or_else(|| Error::invalid(OP, "empty labelled batch"))?;
+        let (lab_x, lab_targets, lab_clean) = labelled_input(OP, lab, k)?;
         let lab_rows = lab_x.dim(0);
-        let lab_clean = lab.labels.len();
-        let lab_targets = match &lab.targets {
-            Some(t) => t.clone(),
-            None => one_hot::<f32>(&lab.labels, k)?,
-        };
         let unlab = if self.supervised { None } else { unlab };
         let mut inputs = vec![lab_x.clone()];
         let mut layout = Layout {

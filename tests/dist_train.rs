@@ -469,35 +469,11 @@ fn daino_two_ranks_equal_one_rank_on_the_whole_batch() {
 
 use sdengine::io::safetensors::read_tensors;
 use sdengine::train::run::{train_with, RunOptions, RunSummary};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-/// 4 train + 2 test images per class, copied from the embedded set (as tests/train.rs).
-fn tiny_dataset() -> (tempfile::TempDir, PathBuf) {
-    let src = sdengine::data::embedded::cifar10_mini_dir().expect("embedded dataset");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("data");
-    for (split, n) in [("train", 4), ("test", 2)] {
-        let mut classes: Vec<_> = std::fs::read_dir(src.join(split))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        classes.sort();
-        for c in classes {
-            let mut files: Vec<_> = std::fs::read_dir(&c)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            files.sort();
-            let dst = root.join(split).join(c.file_name().unwrap());
-            std::fs::create_dir_all(&dst).unwrap();
-            for f in files.iter().take(n) {
-                std::fs::copy(f, dst.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    (dir, root)
-}
+mod common;
+use common::tiny_dataset;
 
 /// The flags of the launched run; the in-process runs use the resolved config it wrote.
 /// 40 images over 2 ranks, 4 a rank: 5 iterations an epoch; the queue (16 rows, 8 a rank) is

@@ -18,16 +18,32 @@ import math
 import os
 import statistics
 import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_ops  # noqa: E402 - the per-family PyTorch ops live beside this script
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+DEVICE = "cuda"
+FAMILY_KINDS = {}
+
+
 def cuda_time(torch, fn, warmup, reps):
-    """Median milliseconds of fn() over reps runs, each between its own pair of CUDA events."""
+    """Median milliseconds of fn() over reps runs, each between its own pair of CUDA events
+    (wall-clock time when the check runs on the CPU)."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        ms = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ms.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(ms)
     torch.cuda.synchronize()
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in pairs:
@@ -40,22 +56,7 @@ def cuda_time(torch, fn, warmup, reps):
 
 def rnd(torch, shape, dtype):
     # Fresh uniform values in [-1, 1): never zeros (zeros can run faster than real data).
-    return (torch.rand(shape, device="cuda", dtype=torch.float32) * 2 - 1).to(dtype)
-
-
-def official_sinkhorn(torch, out, epsilon=0.05, iters=3):
-    """SwAV's distributed_sinkhorn (main_swav.py) with world size 1, as the spec gives it."""
-    Q = torch.exp(out / epsilon).t()
-    B = Q.shape[1]
-    K = Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(iters):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
+    return (torch.rand(shape, device=DEVICE, dtype=torch.float32) * 2 - 1).to(dtype)
 
 
 def torch_op(torch, F, spec):
@@ -64,7 +65,7 @@ def torch_op(torch, F, spec):
     bf16 = torch.bfloat16
     if kind == "copy":
         n = int(spec["bytes"])
-        src = torch.randint(0, 255, (n,), device="cuda", dtype=torch.uint8)
+        src = torch.randint(0, 255, (n,), device=DEVICE, dtype=torch.uint8)
         dst = torch.empty_like(src)
         return lambda: dst.copy_(src)
     if kind == "axpy":
@@ -122,44 +123,9 @@ def torch_op(torch, F, spec):
         datas = [read_file(f) for f in files]
         decode_jpeg(datas, device="cuda")
         return lambda: decode_jpeg(datas, device="cuda")
-    if kind == "softmax_ce":
-        b, k = int(spec["b"]), int(spec["k"])
-        tau, ls = float(spec["tau"]), float(spec["ls"])
-        z = rnd(torch, (b, k), bf16)
-        t = torch.softmax(rnd(torch, (b, k), torch.float32) * 4, dim=1)
-        if spec["dir"] == "fwd":
-            return lambda: F.cross_entropy(z.float() / tau, t, label_smoothing=ls)
-        if spec["dir"] == "fwdbwd":
-            def fwdbwd():
-                zz = z.detach().requires_grad_(True)
-                loss = F.cross_entropy(zz.float() / tau, t, label_smoothing=ls)
-                loss.backward()
-                return zz.grad
-            return fwdbwd
-        return None
-    if kind == "layernorm":
-        rows, d = int(spec["rows"]), int(spec["d"])
-        x = rnd(torch, (rows, d), bf16)
-        g = rnd(torch, (d,), torch.float32) * 0.5 + 1
-        b = rnd(torch, (d,), torch.float32)
-        # As under autocast: bf16 activations, fp32 affine parameters, bf16 out.
-        return lambda: F.layer_norm(x, (d,), g.to(bf16), b.to(bf16), float(spec["eps"]))
-    if kind == "adamw":
-        params = [rnd(torch, (int(n),), torch.float32) for n in spec["sizes"]]
-        for p in params:
-            p.grad = rnd(torch, p.shape, torch.float32)
-        # PyTorch's fastest AdamW: the fused CUDA kernel (no bf16 shadow: it writes 2 bytes/elem less).
-        try:
-            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04, fused=True)
-        except Exception:  # noqa: BLE001
-            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04, foreach=True)
-        opt.step()
-        return opt.step
-    if kind == "sinkhorn":
-        b, k = int(spec["b"]), int(spec["k"])
-        scores = F.normalize(rnd(torch, (b, 128), torch.float32), dim=1) @ F.normalize(
-            rnd(torch, (k, 128), torch.float32), dim=1).t()
-        return lambda: official_sinkhorn(torch, scores, iters=int(spec.get("iters", 3)))
+    fn = FAMILY_KINDS.get(kind)
+    if fn is not None:
+        return fn(torch, F, spec, lambda shape, dtype: rnd(torch, shape, dtype))
     return None
 
 
@@ -174,7 +140,18 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true", help="print the engine table only")
+    ap.add_argument("--torch-device", default="cuda",
+                    help="device for the PyTorch ops (cpu: to test this script without a GPU)")
+    ap.add_argument("--strict-torch", action="store_true",
+                    help="fail when a row's PyTorch op raises (used by the tests)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.torch_device
+    try:
+        FAMILY_KINDS.update(torch_ops.all_kinds())
+    except Exception as e:  # noqa: BLE001
+        print(f"device_check.py: cannot load scripts/torch_ops: {e}", file=sys.stderr)
+        return 1
 
     try:
         with open(args.engine) as f:
@@ -189,9 +166,11 @@ def main():
         try:
             import torch  # noqa: F811
             import torch.nn.functional as F  # noqa: F811
-            if not torch.cuda.is_available():
+            if DEVICE == "cuda" and not torch.cuda.is_available():
                 torch_note = "PyTorch sees no GPU"
                 torch = None
+            elif DEVICE != "cuda":
+                torch_note = f"PyTorch {torch.__version__} on {DEVICE} (a test of this script, not a GPU figure)"
             else:
                 torch.backends.cudnn.benchmark = True
                 torch_note = f"PyTorch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark=True"
@@ -214,9 +193,11 @@ def main():
     lines.append(torch_note)
     hdr = f"{'group':<9} {'op':<28} {'shape':<34} {'rel.err':>8} {'ok':>4} {'ms':>9} {'floor':>9} {'%floor':>6} {'torch ms':>9} {'torch/eng':>9}  note"
     lines.append(hdr)
+    torch_failures = []
     for r in rows:
         spec = r.get("torch")
         tms = None
+        fn = None
         if torch is not None and isinstance(spec, dict):
             try:
                 fn = torch_op(torch, F, spec)
@@ -225,6 +206,10 @@ def main():
             except Exception as e:  # noqa: BLE001 - a PyTorch failure is reported, not fatal
                 log(f"torch {r['id']}: {e}")
                 r["note"] = (r.get("note", "") + f" [torch: {type(e).__name__}]").strip()
+                torch_failures.append(r["id"])
+            if fn is None and spec.get("kind") is not None:
+                log(f"torch {r['id']}: no PyTorch op for kind {spec.get('kind')!r}")
+                torch_failures.append(r["id"])
         ms, floor = r.get("ms"), r.get("floor_ms")
         pct = f"{100 * floor / ms:.0f}" if ms and floor else "-"
         ratio = f"{tms / ms:.2f}" if ms and tms else "-"
@@ -236,6 +221,9 @@ def main():
     passed = bool(rep.get("passed")) and all(r.get("passed") for r in rep.get("rows", []))
     lines.append(f"allocator: peak {rep.get('alloc_peak_bytes', 0) / 2**20:.1f} MiB, "
                  f"{rep.get('alloc_misses', '?')} driver allocations, {rep.get('alloc_hits', '?')} cache hits")
+    if args.strict_torch and torch_failures:
+        lines.append("PyTorch ops that failed or are missing: " + ", ".join(torch_failures))
+        passed = False
     lines.append("result: " + ("PASS" if passed else "FAIL"))
     text = "\n".join(lines) + "\n"
     print(text, end="")

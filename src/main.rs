@@ -86,6 +86,10 @@ enum Command {
         /// Also write the report as JSON (read by scripts/device_check.py).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Rehearse the kernel rows on the CPU emulation of the kernels (no GPU needed): the
+        /// same device ops, shapes and tolerances as on the GPU; times are CPU times.
+        #[arg(long)]
+        emu: bool,
     },
     /// Draw runs' metrics.jsonl as a PNG: losses and val_* metrics against epoch, runs overlaid.
     Plot {
@@ -239,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             images,
             json,
+            emu,
         } => {
             let mut opts = sdengine::backend::cuda::CheckOptions {
                 device,
@@ -250,7 +255,12 @@ fn run(cli: Cli) -> Result<()> {
             if quick {
                 (opts.warmup, opts.reps) = (1, 5);
             }
-            sdengine::backend::cuda::check::cli(&opts, json.as_deref())?;
+            if emu {
+                use sdengine::backend::device::{check, Mode};
+                check::finish(&check::run_emu_check(&opts, Mode::Fibers)?, json.as_deref())?;
+            } else {
+                sdengine::backend::cuda::check::cli(&opts, json.as_deref())?;
+            }
             Ok(())
         }
         Command::Plot {

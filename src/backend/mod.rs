@@ -3,5 +3,6 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod emu;
 pub mod kernels;

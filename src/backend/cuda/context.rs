@@ -19,16 +19,7 @@ use half::bf16;
 use std::cell::OnceCell;
 use std::sync::Arc;
 
-/// Median and minimum of repeated timings of one piece of GPU work (CUDA events).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Timing {
-    /// Median over the timed repetitions, milliseconds.
-    pub median_ms: f64,
-    /// Fastest repetition, milliseconds.
-    pub min_ms: f64,
-    /// Number of timed repetitions.
-    pub reps: usize,
-}
+pub use crate::backend::device::Timing;
 
 /// A CUDA device ready for work: context, compute stream, allocator, modules, library handles.
 ///
@@ -273,11 +264,6 @@ impl Gpu {
                     as f64,
             );
         }
-        ms.sort_by(|x, y| x.total_cmp(y));
-        Ok(Timing {
-            median_ms: ms[ms.len() / 2],
-            min_ms: ms[0],
-            reps,
-        })
+        Timing::from_samples(ms)
     }
 }

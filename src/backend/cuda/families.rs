@@ -27,7 +27,7 @@ const WRAPPED: [&str; 4] = ["sinkhorn", "softmax_ce", "optim", "norm"];
 const TOL_F32_KERNEL: f64 = 1e-4;
 
 /// Adds every family's rows.
-pub fn check_rows(c: &mut Checker<'_>) {
+pub fn check_rows(c: &mut Checker<'_, Gpu>) {
     for m in table::MODULES {
         if !WRAPPED.contains(&m.name) {
             c.row("kernels", m.name, "-".into(), Value::Null, |_| {
@@ -54,7 +54,7 @@ pub fn check_rows(c: &mut Checker<'_>) {
 }
 
 /// ViT-S/16's layer norm (64 images x 197 tokens, width 384) against `cpu::norm`.
-fn norm_rows(c: &mut Checker<'_>) {
+fn norm_rows(c: &mut Checker<'_, Gpu>) {
     use crate::backend::cpu::norm::layer_norm_forward;
     let rows = if c.opts.quick { 2 * 197 } else { 64 * 197 };
     let d = 384;
@@ -74,11 +74,11 @@ fn norm_rows(c: &mut Checker<'_>) {
                 &Tensor::from_vec(b.clone(), &[d])?,
                 eps as f64,
             )?;
-            let (xd, gd, bd) = (c.gpu.upload_bf16(&x)?, c.gpu.upload(&g)?, c.gpu.upload(&b)?);
-            let out = super::norm::layernorm_forward(c.gpu, &xd, &gd, &bd, rows, d, eps)?;
-            let got = c.gpu.download_bf16(&out.y)?;
+            let (xd, gd, bd) = (c.dev.upload_bf16(&x)?, c.dev.upload(&g)?, c.dev.upload(&b)?);
+            let out = super::norm::layernorm_forward(c.dev, &xd, &gd, &bd, rows, d, eps)?;
+            let got = c.dev.download_bf16(&out.y)?;
             let t = c.time(|| {
-                super::norm::layernorm_forward(c.gpu, &xd, &gd, &bd, rows, d, eps).map(drop)
+                super::norm::layernorm_forward(c.dev, &xd, &gd, &bd, rows, d, eps).map(drop)
             })?;
             Ok(Measured {
                 err: Some((rel_l2(&got, want.data()), TOL_BF16)),
@@ -99,7 +99,7 @@ fn norm_rows(c: &mut Checker<'_>) {
 }
 
 /// AdamW over ViT-S/16-like tensors (~21 M parameters in 96 tensors), with the bf16 shadow.
-fn optim_rows(c: &mut Checker<'_>) {
+fn optim_rows(c: &mut Checker<'_, Gpu>) {
     use super::optim::{adamw_reference, adamw_step, AdamWScalars, AdamWSlot};
     let (b1, b2, eps) = (0.9, 0.999, 1e-8);
     let block: &[usize] = &[
@@ -140,11 +140,11 @@ fn optim_rows(c: &mut Checker<'_>) {
                     .collect();
                 let s = AdamWScalars::new(5e-4, if i % 2 == 0 { 0.04 } else { 0.0 }, b1, b2, 7);
                 dev.push((
-                    c.gpu.upload(&p)?,
-                    c.gpu.upload(&g)?,
-                    c.gpu.upload(&m)?,
-                    c.gpu.upload(&v)?,
-                    c.gpu.alloc::<half::bf16>(n)?,
+                    c.dev.upload(&p)?,
+                    c.dev.upload(&g)?,
+                    c.dev.upload(&m)?,
+                    c.dev.upload(&v)?,
+                    c.dev.alloc::<half::bf16>(n)?,
                     s,
                 ));
                 host.push((p, g, m, v, s));
@@ -160,7 +160,7 @@ fn optim_rows(c: &mut Checker<'_>) {
                     scalars: *s,
                 })
                 .collect();
-            adamw_step(c.gpu, &mut slots, b1, b2, eps)?;
+            adamw_step(c.dev, &mut slots, b1, b2, eps)?;
             drop(slots);
             let mut worst = 0f64;
             for ((p, g, m, v, s), (pd, _, md, vd, pbd, _)) in host.iter().zip(&dev) {
@@ -173,10 +173,10 @@ fn optim_rows(c: &mut Checker<'_>) {
                 }
                 let shadow = round_bf16(&want.0);
                 for (got, w) in [
-                    (c.gpu.download(pd)?, &want.0),
-                    (c.gpu.download(md)?, &want.1),
-                    (c.gpu.download(vd)?, &want.2),
-                    (c.gpu.download_bf16(pbd)?, &shadow),
+                    (c.dev.download(pd)?, &want.0),
+                    (c.dev.download(md)?, &want.1),
+                    (c.dev.download(vd)?, &want.2),
+                    (c.dev.download_bf16(pbd)?, &shadow),
                 ] {
                     let e = rel_l2(&got, w);
                     if e.is_nan() || e > worst {
@@ -195,7 +195,7 @@ fn optim_rows(c: &mut Checker<'_>) {
                     scalars: *s,
                 })
                 .collect();
-            let t = c.time(|| adamw_step(c.gpu, &mut slots, b1, b2, eps))?;
+            let t = c.time(|| adamw_step(c.dev, &mut slots, b1, b2, eps))?;
             Ok(Measured {
                 err: Some((worst, 1e-5)),
                 time: Some(t),
@@ -225,7 +225,7 @@ fn scores(name: &str, b: usize, k: usize) -> Vec<f32> {
 type SinkhornFn =
     fn(&Gpu, &DeviceBuffer<f32>, usize, usize, SinkhornParams) -> Result<DeviceBuffer<f32>>;
 
-fn sinkhorn_rows(c: &mut Checker<'_>) {
+fn sinkhorn_rows(c: &mut Checker<'_, Gpu>) {
     let p = SinkhornParams::default();
     // The aim's shape (K = 1000, B = 4096, 3 iterations) and Suave's per-GPU shape (queue 480 +
     // batch 32 rows, 3000 prototypes).
@@ -252,10 +252,10 @@ fn sinkhorn_rows(c: &mut Checker<'_>) {
                 |c| {
                     let want =
                         want.map_err(|e| crate::Error::invalid("device-check", e.to_string()))?;
-                    let sd = c.gpu.upload(&s)?;
-                    let q = run(c.gpu, &sd, b, k, p)?;
-                    let got = c.gpu.download(&q)?;
-                    let t = c.time(|| run(c.gpu, &sd, b, k, p).map(drop))?;
+                    let sd = c.dev.upload(&s)?;
+                    let q = run(c.dev, &sd, b, k, p)?;
+                    let got = c.dev.download(&q)?;
+                    let t = c.time(|| run(c.dev, &sd, b, k, p).map(drop))?;
                     Ok(Measured {
                         err: Some((rel_l2(&got, want.data()), TOL_F32_KERNEL)),
                         time: Some(t),
@@ -282,7 +282,7 @@ fn soft_targets(name: &str, b: usize, k: usize) -> Vec<f32> {
     t
 }
 
-fn softmax_ce_rows(c: &mut Checker<'_>) {
+fn softmax_ce_rows(c: &mut Checker<'_, Gpu>) {
     // Suave: 1000 prototypes/classes over a 4096-row global batch view; Daino: 65536 prototypes
     // over 64 images x 10 crops.
     let shapes: &[(usize, usize)] = if c.opts.quick {
@@ -316,11 +316,11 @@ fn softmax_ce_rows(c: &mut Checker<'_>) {
             torch("fwd"),
             |c| {
                 let (want, _) = reference.map_err(err)?;
-                let zd = c.gpu.upload_bf16(&z)?;
-                let td = c.gpu.upload(&t)?;
-                let f = softmax_ce::forward(c.gpu, &zd, &td, b, k, p)?;
-                let got = c.gpu.download(&f.loss)?;
-                let tm = c.time(|| softmax_ce::forward(c.gpu, &zd, &td, b, k, p).map(drop))?;
+                let zd = c.dev.upload_bf16(&z)?;
+                let td = c.dev.upload(&t)?;
+                let f = softmax_ce::forward(c.dev, &zd, &td, b, k, p)?;
+                let got = c.dev.download(&f.loss)?;
+                let tm = c.time(|| softmax_ce::forward(c.dev, &zd, &td, b, k, p).map(drop))?;
                 Ok(Measured {
                     err: Some((rel_l2(&got, &[*want]), TOL_F32_KERNEL)),
                     time: Some(tm),
@@ -336,13 +336,13 @@ fn softmax_ce_rows(c: &mut Checker<'_>) {
             Value::Null,
             |c| {
                 let (_, want) = reference.map_err(err)?;
-                let zd = c.gpu.upload_bf16(&z)?;
-                let td = c.gpu.upload(&t)?;
-                let f = softmax_ce::forward(c.gpu, &zd, &td, b, k, p)?;
-                let dz = softmax_ce::backward(c.gpu, &zd, &td, &f, b, k, p, dloss)?;
-                let got = c.gpu.download_bf16(&dz)?;
+                let zd = c.dev.upload_bf16(&z)?;
+                let td = c.dev.upload(&t)?;
+                let f = softmax_ce::forward(c.dev, &zd, &td, b, k, p)?;
+                let dz = softmax_ce::backward(c.dev, &zd, &td, &f, b, k, p, dloss)?;
+                let got = c.dev.download_bf16(&dz)?;
                 let tm =
-                    c.time(|| softmax_ce::backward(c.gpu, &zd, &td, &f, b, k, p, dloss).map(drop))?;
+                    c.time(|| softmax_ce::backward(c.dev, &zd, &td, &f, b, k, p, dloss).map(drop))?;
                 Ok(Measured {
                     err: Some((rel_l2(&got, want.data()), TOL_BF16)),
                     time: Some(tm),
@@ -358,12 +358,12 @@ fn softmax_ce_rows(c: &mut Checker<'_>) {
             torch("fwdbwd"),
             |c| {
                 let (want_loss, want) = reference.map_err(err)?;
-                let zd = c.gpu.upload_bf16(&z)?;
-                let td = c.gpu.upload(&t)?;
-                let (loss, dz) = softmax_ce::fused(c.gpu, &zd, &td, b, k, p, dloss)?;
-                let got = c.gpu.download_bf16(&dz)?;
-                let got_loss = c.gpu.download(&loss)?;
-                let tm = c.time(|| softmax_ce::fused(c.gpu, &zd, &td, b, k, p, dloss).map(drop))?;
+                let zd = c.dev.upload_bf16(&z)?;
+                let td = c.dev.upload(&t)?;
+                let (loss, dz) = softmax_ce::fused(c.dev, &zd, &td, b, k, p, dloss)?;
+                let got = c.dev.download_bf16(&dz)?;
+                let got_loss = c.dev.download(&loss)?;
+                let tm = c.time(|| softmax_ce::fused(c.dev, &zd, &td, b, k, p, dloss).map(drop))?;
                 let e = rel_l2(&got, want.data())
                     .max(rel_l2(&got_loss, &[*want_loss]) * TOL_BF16 / TOL_F32_KERNEL);
                 Ok(Measured {

@@ -20,6 +20,7 @@ pub mod context;
 pub mod cublaslt;
 pub mod cudnn;
 pub mod device;
+pub mod exec;
 pub mod families;
 pub mod module;
 pub mod norm;

@@ -121,33 +121,8 @@ pub unsafe fn launch_raw(
     Ok(())
 }
 
-/// Errors unless `threads` is a whole number of warps, 32..=1024 (what every kernel's warp
-/// reductions assume).
-pub(crate) fn check_threads(op: &'static str, threads: u32) -> Result<()> {
-    if threads == 0 || threads > 1024 || !threads.is_multiple_of(32) {
-        return Err(Error::invalid(
-            op,
-            format!("{threads} threads per block: need a multiple of 32 in 32..=1024"),
-        ));
-    }
-    Ok(())
-}
-
-/// Errors unless `len == want`, naming the op and the buffer.
-pub(crate) fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
-    if len != want {
-        return Err(Error::shape(
-            op,
-            format!("{what} has {len} elements, expected {want}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Errors unless `v` fits the kernels' `int` parameters.
-pub(crate) fn as_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(op, format!("{what} = {v} exceeds i32::MAX")))
-}
+/// Shared with the device ops (one definition of each check).
+pub(crate) use crate::backend::device::{as_i32, check_len, check_threads};
 
 #[cfg(test)]
 mod tests {

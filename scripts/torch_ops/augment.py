@@ -1,0 +1,3 @@
+"""PyTorch side of kernels/augment.cu."""
+
+KINDS = {}

@@ -1,7 +1,7 @@
 //! CPU execution of the engine's own CUDA kernels: the very same `kernels/*.cu` sources,
 //! compiled by g++ with `kernels/emu/cuda_emu.h` (build.rs), launched here with the grid, block
 //! and shared-memory size the GPU runtime would use. This is how every kernel is tested on
-//! machines without a GPU: the per-family wrappers ([`sinkhorn`], [`softmax_ce`], [`norm`],
+//! machines without a GPU: the per-family wrappers ([`sinkhorn`], [`softmax_ce`],
 //! [`elementwise`]) check lengths, launch, and return `crate::Result`; the tests compare their
 //! output with the CPU backend.
 //!
@@ -15,7 +15,6 @@ use std::ffi::c_void;
 pub mod augment;
 pub mod elementwise;
 pub mod mixup;
-pub mod norm;
 pub mod optim;
 pub mod sinkhorn;
 pub mod softmax_ce;

@@ -1303,3 +1303,19 @@ fn ln_rows<E: Exec>(c: &mut Checker<'_, E>) {
         },
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_precision_errors_are_scaled_to_one_tolerance_and_nan_fails() {
+        // An f32 output at 2e-5 (of 1e-4) counts as 2e-3 against bf16's 1e-2.
+        let e = scaled_max(TOL_BF16, &[(1e-3, TOL_BF16), (2e-5, TOL_F32)]);
+        assert!((e - 2e-3).abs() < 1e-12, "{e}");
+        // An f32 output just over its own tolerance fails the row even when bf16 is fine.
+        assert!(scaled_max(TOL_BF16, &[(1e-3, TOL_BF16), (2e-4, TOL_F32)]) > TOL_BF16);
+        assert!(scaled_max(TOL_BF16, &[(f64::NAN, TOL_F32), (1e-3, TOL_BF16)]).is_nan());
+        assert!(scaled_max(TOL_BF16, &[(1e-3, TOL_BF16), (f64::NAN, TOL_F32)]).is_nan());
+    }
+}

@@ -448,7 +448,12 @@ impl GradBuckets {
         for (p, b) in self.pending.iter_mut().zip(&self.buckets) {
             *p = b.params.len();
         }
-        for ((buf, b), h) in self.bufs.iter_mut().zip(&self.buckets).zip(&mut self.inflight) {
+        for ((buf, b), h) in self
+            .bufs
+            .iter_mut()
+            .zip(&self.buckets)
+            .zip(&mut self.inflight)
+        {
             *h = None;
             if buf.len() != b.len {
                 *buf = vec![0.0; b.len];

@@ -271,6 +271,16 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// With several ranks, all-reduce the gradients bucket by bucket while the backward runs
+    /// (DDP's overlap) instead of after it; the numbers are the same either way (`--no-overlap`
+    /// turns it off). Absent from older `config.json` files: on.
+    #[serde(default = "yes")]
+    pub overlap_grad_reduce: bool,
+}
+
+/// serde's default for switches that are on unless a file says otherwise.
+fn yes() -> bool {
+    true
 }
 
 /// The presets: one per official script.
@@ -358,6 +368,7 @@ impl TrainConfig {
             checkpoint_freq: if daino { 20 } else { 25 },
             log_every: if daino { 10 } else { 50 },
             device: "auto".into(),
+            overlap_grad_reduce: true,
         }
     }
 

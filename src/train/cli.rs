@@ -434,6 +434,9 @@ mod tests {
         let (c, _) = parse(&[]).resolve(false).unwrap();
         assert_eq!((c.method, c.arch), (Method::Suave, Arch::ResnetTiny));
         assert_eq!(c.data_path, None);
+        assert!(c.overlap_grad_reduce);
+        let (c, _) = parse(&["--no-overlap"]).resolve(false).unwrap();
+        assert!(!c.overlap_grad_reduce);
         let (c, _) = parse(&[
             "--method",
             "daino",

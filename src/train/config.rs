@@ -686,5 +686,14 @@ mod tests {
         let back: TrainConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
         assert!(s.contains("\"arch\":\"vit-tiny\""), "{s}");
+        // A config.json from before `overlap_grad_reduce` existed reads as overlap on.
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("overlap_grad_reduce");
+        let mut c2 = c.clone();
+        c2.overlap_grad_reduce = false;
+        let old: TrainConfig = serde_json::from_value(v).unwrap();
+        assert!(old.overlap_grad_reduce);
+        assert_eq!(old, c);
+        assert_ne!(old, c2);
     }
 }

@@ -214,7 +214,7 @@ impl GradBuckets {
         &self.buckets
     }
 
-    /// Number of buckets already reduced this step.
+    /// Number of buckets already reduced this step (submitted, on the overlapped path).
     pub fn reduced(&self) -> usize {
         self.next
     }

@@ -415,7 +415,8 @@ mod tests {
     #[test]
     fn worker_runs_requests_in_order_and_blocking_calls_work() {
         let ranks = LocalGroup::new(2).unwrap();
-        let out: Vec<(Vec<f32>, Vec<f32>, Vec<f64>, Vec<u8>)> = std::thread::scope(|s| {
+        type RankOut = (Vec<f32>, Vec<f32>, Vec<f64>, Vec<u8>);
+        let out: Vec<RankOut> = std::thread::scope(|s| {
             let hs: Vec<_> = ranks
                 .iter()
                 .map(|g| {

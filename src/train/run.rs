@@ -684,6 +684,11 @@ pub fn train_with(
             iters,
             cfg.arch.name()
         );
+        if cfg.device == "auto" && crate::backend::cuda::gpu_available() {
+            eprintln!(
+                "note: a GPU is present, but the trainer runs on the CPU: the CUDA training path is not built yet (its kernels are checked by `sdengine device-check`)"
+            );
+        }
     }
     'epochs: while epoch < cfg.epochs {
         let mut unlab_loader = if cfg.method == Method::Supervised {

@@ -16,7 +16,6 @@ pub mod augment;
 pub mod elementwise;
 pub mod mixup;
 pub mod norm;
-pub mod optim;
 pub mod sinkhorn;
 pub mod softmax_ce;
 

@@ -1124,7 +1124,7 @@ fn center_rows<E: Exec>(c: &mut Checker<'_, E>, rows: usize, cols: usize) {
         "optim",
         "dino_center_update",
         format!("K{cols}"),
-        json!({"kind": "dino_center_update", "cols": cols, "m": 0.9}),
+        json!({"kind": "dino_center_update", "rows": rows, "cols": cols, "m": 0.9}),
         |c| {
             let views = center_views(rows, cols, false)?;
             let x: Vec<f32> = views.iter().flat_map(|v| v.data().to_vec()).collect();

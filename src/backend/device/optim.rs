@@ -519,7 +519,6 @@ impl CenterLogit for bf16 {
 /// Launches a column-sum kernel into `colsum` (`accumulate`: add to it).
 fn launch_colsum<E: Exec, T: CenterLogit>(
     ex: &E,
-    op: &'static str,
     logits: &E::Buf<T>,
     rows: usize,
     cols: usize,
@@ -527,6 +526,11 @@ fn launch_colsum<E: Exec, T: CenterLogit>(
     accumulate: bool,
     threads: u32,
 ) -> Result<()> {
+    let op = if accumulate {
+        "device::dino_center_colsum_accumulate"
+    } else {
+        "device::dino_center_colsum"
+    };
     check_threads(op, threads)?;
     if cols == 0 {
         return Err(Error::shape(op, "teacher logits with 0 columns"));
@@ -565,16 +569,7 @@ pub fn dino_center_colsum<E: Exec, T: CenterLogit>(
     threads: u32,
 ) -> Result<E::Buf<f64>> {
     let mut colsum = ex.alloc::<f64>(cols)?;
-    launch_colsum(
-        ex,
-        "device::dino_center_colsum",
-        logits,
-        rows,
-        cols,
-        &mut colsum,
-        false,
-        threads,
-    )?;
+    launch_colsum(ex, logits, rows, cols, &mut colsum, false, threads)?;
     Ok(colsum)
 }
 
@@ -588,16 +583,7 @@ pub fn dino_center_colsum_accumulate<E: Exec, T: CenterLogit>(
     colsum: &mut E::Buf<f64>,
     threads: u32,
 ) -> Result<()> {
-    launch_colsum(
-        ex,
-        "device::dino_center_colsum_accumulate",
-        logits,
-        rows,
-        cols,
-        colsum,
-        true,
-        threads,
-    )
+    launch_colsum(ex, logits, rows, cols, colsum, true, threads)
 }
 
 /// `dino_center_update`: `c ← m·c + (1 − m)·colsum/n` with the all-reduced column sums, `n` =

@@ -545,7 +545,20 @@ fn softmax_ce_kernels_match_the_cpu_loss() {
 
 #[test]
 fn adamw_multi_tensor_update_matches_the_cpu_formula() {
-    use sdengine::backend::cuda::optim::{adamw_reference, adamw_step, AdamWScalars, AdamWSlot};
+    use sdengine::backend::device::optim::{adamw_step, AdamWScalars, AdamWSlot, CHUNK, THREADS};
+    // The CPU formula of one element (optim::adamw's order, f32): returns (p, m, v).
+    let adamw_reference =
+        |p: f32, g: f32, m: f32, v: f32, s: AdamWScalars, b1: f64, b2: f64, e: f64| {
+            let (w1, b2, w2, e) = ((1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, e as f32);
+            let pv = p * s.decay;
+            let mv = m + w1 * (g - m);
+            let vv = v * b2 + w2 * g * g;
+            (
+                pv + -s.step_size * mv / (vv.sqrt() / s.bc2_sqrt + e),
+                mv,
+                vv,
+            )
+        };
     let Some(g) = gpu("adamw_multi_tensor") else {
         return;
     };
@@ -577,7 +590,7 @@ fn adamw_multi_tensor_update_matches_the_cpu_formula() {
         ));
         host.push((p, gr, m, v, s));
     }
-    let mut slots: Vec<AdamWSlot<'_>> = dev
+    let mut slots: Vec<AdamWSlot<'_, Gpu>> = dev
         .iter_mut()
         .map(|(p, gr, m, v, pb, s)| AdamWSlot {
             param: p,
@@ -588,7 +601,7 @@ fn adamw_multi_tensor_update_matches_the_cpu_formula() {
             scalars: *s,
         })
         .collect();
-    adamw_step(&g, &mut slots, b1, b2, eps).unwrap();
+    adamw_step(&g, &mut slots, b1, b2, eps, CHUNK, THREADS).unwrap();
     drop(slots);
     for ((p, gr, m, v, s), (pd, _, md, vd, pbd, _)) in host.iter().zip(&dev) {
         let want: Vec<(f32, f32, f32)> = (0..p.len())

@@ -15,7 +15,6 @@ use std::ffi::c_void;
 pub mod augment;
 pub mod elementwise;
 pub mod mixup;
-pub mod optim;
 pub mod sinkhorn;
 pub mod softmax_ce;
 

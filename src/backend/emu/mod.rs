@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use std::ffi::c_void;
 
 pub mod augment;
-pub mod mixup;
 pub mod norm;
 pub mod optim;
 pub mod sinkhorn;

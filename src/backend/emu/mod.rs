@@ -13,7 +13,6 @@
 use crate::error::{Error, Result};
 use std::ffi::c_void;
 
-pub mod augment;
 pub mod norm;
 pub mod optim;
 pub mod sinkhorn;

@@ -610,7 +610,7 @@ fn adamw_multi_tensor_update_matches_the_cpu_formula() {
 #[test]
 fn layernorm_forward_matches_the_cpu() {
     use sdengine::backend::cpu::norm::layer_norm_forward;
-    use sdengine::backend::cuda::norm::layernorm_forward;
+    use sdengine::backend::device::norm::{layernorm_forward, THREADS};
     let Some(g) = gpu("layernorm_forward") else {
         return;
     };
@@ -638,7 +638,7 @@ fn layernorm_forward_matches_the_cpu() {
             g.upload(&gm).unwrap(),
             g.upload(&b).unwrap(),
         );
-        let out = layernorm_forward(&g, &xd, &gd, &bd, rows, d, 1e-6).unwrap();
+        let out = layernorm_forward(&g, &xd, &gd, &bd, rows, d, 1e-6, THREADS).unwrap();
         let e = rel_l2(&g.download_bf16(&out.y).unwrap(), want.data());
         assert!(e < 1e-2, "R{rows} D{d}: rel err {e}");
         let means = g.download(&out.mean).unwrap();

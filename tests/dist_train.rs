@@ -464,6 +464,68 @@ fn daino_two_ranks_equal_one_rank_on_the_whole_batch() {
     );
 }
 
+/// The gradient all-reduce overlapped with the backward (small buckets, so that many are in
+/// flight, and SyncBN queued behind them) and the all-reduce after the backward take
+/// bit-identical steps: the same metrics and every parameter and buffer equal, for Suave and
+/// Daino. (The tests above run with overlap on, the default.)
+#[test]
+fn overlap_on_and_off_take_identical_steps() {
+    use sdengine::dist::buckets::{BucketConfig, GradDtype};
+    let scfg = suave_config(B, LAB);
+    let dcfg = daino_config(B, LAB);
+    type Out = (Vec<StepMetrics>, ParamStore, ParamStore, ParamStore);
+    let run = |overlap: bool| -> Vec<Out> {
+        on_ranks(|r, comm| {
+            let small = BucketConfig {
+                first_cap_bytes: 4 << 10,
+                cap_bytes: 64 << 10,
+                dtype: GradDtype::F32,
+            };
+            let mut su = SuaveState::new(&scfg, ITERS, WORLD).unwrap();
+            reference_fill(&mut su.store, SEED);
+            su.grad_sync.overlap = overlap;
+            su.grad_sync.buckets = small;
+            let mut da = DainoState::new(&dcfg, ITERS, WORLD).unwrap();
+            reference_fill(&mut da.student_store, SEED);
+            da.teacher_store = da.student_store.clone();
+            da.grad_sync.overlap = overlap;
+            da.grad_sync.buckets = small;
+            let mut ms = Vec::new();
+            for s in 0..3 {
+                let (u, l) = full_batches(s);
+                let (u, l) = (shard(&u, r, B), shard(&l, r, LAB));
+                ms.push(su.step(&scfg, Some(&u), &l, s, 0, comm).unwrap());
+                ms.push(da.step(&dcfg, Some(&u), &l, s, 0, comm).unwrap());
+            }
+            (ms, su.store, da.student_store, da.teacher_store)
+        })
+    };
+    let on = run(true);
+    let off = run(false);
+    for (r, (a, b)) in on.iter().zip(&off).enumerate() {
+        for (ma, mb) in a.0.iter().zip(&b.0) {
+            assert_eq!(ma.means(), mb.means(), "rank {r}");
+        }
+        for (sa, sb) in [(&a.1, &b.1), (&a.2, &b.2), (&a.3, &b.3)] {
+            for (ea, eb) in sa.entries().iter().zip(sb.entries()) {
+                assert_eq!(ea.value, eb.value, "rank {r}: {}", ea.name);
+            }
+        }
+    }
+    // The steps moved the weights (the comparison is not between two untouched models).
+    let fresh = SuaveState::new(&scfg, ITERS, WORLD).unwrap();
+    let mut fresh_store = fresh.store;
+    reference_fill(&mut fresh_store, SEED);
+    let moved = on[0]
+        .1
+        .entries()
+        .iter()
+        .zip(fresh_store.entries())
+        .filter(|(a, b)| a.value != b.value)
+        .count();
+    assert!(moved > fresh_store.len() / 2, "{moved} entries changed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The trainer: `train_with` on in-process ranks, and `sdengine launch` with real processes.
 

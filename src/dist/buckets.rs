@@ -6,18 +6,30 @@
 //! after the backward hides nothing. So, as PyTorch DDP does, the parameters are grouped into
 //! buckets of about 25 MB in reverse registration order, the first bucket kept small (1 MB) so
 //! that communication starts early; each gradient is copied into its bucket's flat buffer when
-//! the backward produces it (its ready flag), and a bucket is reduced as soon as all of its
+//! the backward reports it final (its ready flag), and a bucket is reduced as soon as all of its
 //! gradients are ready, while the backward continues with earlier layers.
 //!
 //! Buckets are always reduced in bucket order, whatever order the gradients arrive in: every
 //! rank must issue the same collectives in the same order, and gradient readiness may differ
-//! between ranks. On the CPU the reduction is synchronous; on the GPU the same plan drives NCCL
-//! calls on a communication stream that waits on an event recorded after the bucket's last
-//! gradient kernel. [`GradBuckets`] is generic over [`Communicator`], so the logic is tested on
-//! the CPU with [`super::LocalGroup`].
+//! between ranks. Two ways to reduce: [`GradBuckets::mark_ready`] reduces on the calling thread
+//! (synchronous), [`GradBuckets::mark_ready_async`] submits the bucket's buffer to a
+//! [`CommWorker`] and returns at once, the buffer coming back in
+//! [`GradBuckets::finish_async`]. The overlapped backward of the trainer is
+//! [`overlapped_backward`](super::overlap::overlapped_backward); on the GPU the same plan
+//! drives NCCL calls on a communication stream that waits on an event recorded after the
+//! bucket's last gradient kernel. [`GradBuckets`] is generic over [`Communicator`], so the logic
+//! is tested on the CPU with [`super::LocalGroup`].
+//!
+//! Parameters that never receive a gradient (unused heads, a branch not taken): the
+//! synchronous [`GradBuckets::finish`] reports them as an error naming them; the overlapped
+//! path ([`GradBuckets::finish_async`]) reduces their gradient as it stands in the store (zero
+//! unless something wrote it), as DDP with `find_unused_parameters=True` does, so that every
+//! rank issues the same collectives and the result equals a plain all-reduce of every gradient.
 
+use super::overlap::{CommWorker, Handle};
 use super::Communicator;
 use crate::error::{Error, Result};
+use crate::nn::{ParamId, ParamStore};
 use half::bf16;
 
 /// The element type gradients travel in.
@@ -75,20 +87,30 @@ pub struct Bucket {
 }
 
 /// The bucket plan and the per-step state of a bucketed gradient all-reduce (averaging over
-/// the ranks). Use: [`GradBuckets::plan`] once; per step call [`GradBuckets::mark_ready`] for
-/// each gradient as the backward produces it, then [`GradBuckets::finish`], read the averaged
-/// gradients with [`GradBuckets::grad`], and [`GradBuckets::reset`] before the next step.
+/// the ranks). Use: [`GradBuckets::plan`] (or [`GradBuckets::for_store`]) once; per step call
+/// [`GradBuckets::mark_ready`] for each gradient as the backward produces it, then
+/// [`GradBuckets::finish`], read the averaged gradients with [`GradBuckets::grad`], and
+/// [`GradBuckets::reset`] before the next step. The overlapped form replaces `mark_ready` /
+/// `finish` by [`GradBuckets::mark_ready_async`] / [`GradBuckets::finish_async`] and writes the
+/// result back with [`GradBuckets::write_back`].
 pub struct GradBuckets {
     names: Vec<String>,
     sizes: Vec<usize>,
     buckets: Vec<Bucket>,
     /// (bucket, offset) of each parameter.
     place: Vec<(usize, usize)>,
+    /// Flat buffers, one per bucket; empty while the bucket is in flight on a worker.
     bufs: Vec<Vec<f32>>,
+    /// Reductions in flight on a worker, per bucket.
+    inflight: Vec<Option<Handle>>,
     ready: Vec<bool>,
     pending: Vec<usize>,
     next: usize,
     dtype: GradDtype,
+    /// Store ids of the planned parameters (empty for a plan made from names and sizes).
+    ids: Vec<ParamId>,
+    /// Plan index of each store entry (`None`: not planned), indexed by `ParamId.0`.
+    lookup: Vec<Option<usize>>,
 }
 
 impl GradBuckets {
@@ -135,17 +157,56 @@ impl GradBuckets {
         }
         let bufs = buckets.iter().map(|b| vec![0.0f32; b.len]).collect();
         let pending = buckets.iter().map(|b| b.params.len()).collect();
+        let inflight = buckets.iter().map(|_| None).collect();
         Ok(GradBuckets {
             names: params.iter().map(|(s, _)| s.clone()).collect(),
             sizes: params.iter().map(|(_, n)| *n).collect(),
             buckets,
             place,
             bufs,
+            inflight,
             ready: vec![false; params.len()],
             pending,
             next: 0,
             dtype: cfg.dtype,
+            ids: Vec::new(),
+            lookup: Vec::new(),
         })
+    }
+
+    /// Plans buckets for the trainable parameters of `store` (registration order), remembering
+    /// their ids so that the backward's hook can report them by [`ParamId`].
+    pub fn for_store(store: &ParamStore, cfg: &BucketConfig) -> Result<Self> {
+        let ids = store.trainable();
+        let params: Vec<(String, usize)> = ids
+            .iter()
+            .map(|&id| (store.entry(id).name.clone(), store.value(id).numel()))
+            .collect();
+        let mut g = Self::plan(&params, cfg)?;
+        g.lookup = vec![None; store.len()];
+        for (i, id) in ids.iter().enumerate() {
+            g.lookup[id.0] = Some(i);
+        }
+        g.ids = ids;
+        Ok(g)
+    }
+
+    /// True when this plan was made by [`GradBuckets::for_store`] for a store with the same
+    /// trainable parameters, of the same sizes, as `store` now has (else plan again).
+    pub fn matches(&self, store: &ParamStore) -> bool {
+        self.lookup.len() == store.len()
+            && self.ids == store.trainable()
+            && self
+                .ids
+                .iter()
+                .zip(&self.sizes)
+                .all(|(&id, &n)| store.value(id).numel() == n)
+    }
+
+    /// The plan index of store entry `id` (None when it is not planned: a buffer or a frozen
+    /// parameter).
+    pub fn index_of(&self, id: ParamId) -> Option<usize> {
+        self.lookup.get(id.0).copied().flatten()
     }
 
     /// The plan, in reduction order.
@@ -153,7 +214,7 @@ impl GradBuckets {
         &self.buckets
     }
 
-    /// Number of buckets already reduced this step.
+    /// Number of buckets already reduced this step (submitted, on the overlapped path).
     pub fn reduced(&self) -> usize {
         self.next
     }
@@ -166,6 +227,32 @@ impl GradBuckets {
         grad: &[f32],
         comm: &dyn Communicator,
     ) -> Result<Vec<usize>> {
+        self.record(param, grad)?;
+        let mut done = Vec::new();
+        while self.next < self.buckets.len() && self.pending[self.next] == 0 {
+            self.reduce_bucket(self.next, comm)?;
+            done.push(self.next);
+            self.next += 1;
+        }
+        Ok(done)
+    }
+
+    /// As [`GradBuckets::mark_ready`], but every bucket that is complete and next in order is
+    /// submitted to `worker` instead of reduced here: the call returns at once, the reduction
+    /// runs on the worker's thread, and [`GradBuckets::finish_async`] collects it. Returns the
+    /// indices of the buckets submitted by this call.
+    pub fn mark_ready_async(
+        &mut self,
+        param: usize,
+        grad: &[f32],
+        worker: &CommWorker<'_>,
+    ) -> Result<Vec<usize>> {
+        self.record(param, grad)?;
+        Ok(self.submit_complete(worker))
+    }
+
+    /// Checks `param` and copies its gradient into its bucket.
+    fn record(&mut self, param: usize, grad: &[f32]) -> Result<()> {
         let name = self.names.get(param).ok_or_else(|| {
             Error::invalid(
                 "GradBuckets::mark_ready",
@@ -194,16 +281,110 @@ impl GradBuckets {
             ));
         }
         let (b, off) = self.place[param];
-        self.bufs[b][off..off + grad.len()].copy_from_slice(grad);
+        let dst = self.bufs[b].get_mut(off..off + grad.len()).ok_or_else(|| {
+            Error::invalid(
+                "GradBuckets::mark_ready",
+                format!("{name}: its bucket {b} was already submitted this step"),
+            )
+        })?;
+        dst.copy_from_slice(grad);
         self.ready[param] = true;
         self.pending[b] -= 1;
+        Ok(())
+    }
+
+    /// Submits every bucket that is complete and next in order; returns their indices.
+    fn submit_complete(&mut self, worker: &CommWorker<'_>) -> Vec<usize> {
         let mut done = Vec::new();
         while self.next < self.buckets.len() && self.pending[self.next] == 0 {
-            self.reduce_bucket(self.next, comm)?;
-            done.push(self.next);
+            let b = self.next;
+            let buf = std::mem::take(&mut self.bufs[b]);
+            self.inflight[b] = Some(match self.dtype {
+                GradDtype::F32 => worker.submit_all_reduce_mean(buf),
+                GradDtype::Bf16 => worker.submit_all_reduce_mean_bf16(buf),
+            });
+            done.push(b);
             self.next += 1;
         }
-        Ok(done)
+        done
+    }
+
+    /// Ends an overlapped step: every planned parameter not reported ready takes its gradient
+    /// from `store` as it stands (DDP's `find_unused_parameters`: zero unless written), the
+    /// remaining buckets are submitted, and every bucket's reduction is awaited in order.
+    /// Returns the plan indices of the parameters that were not reported. On error (the first
+    /// failed reduction's), the buckets still in flight are awaited too, so that the next step
+    /// starts clean.
+    pub fn finish_async(
+        &mut self,
+        store: &ParamStore,
+        worker: &CommWorker<'_>,
+    ) -> Result<Vec<usize>> {
+        if self.ids.len() != self.names.len() {
+            return Err(Error::invalid(
+                "GradBuckets::finish_async",
+                "the plan was not made with GradBuckets::for_store, so it cannot read the store",
+            ));
+        }
+        let unready: Vec<usize> = (0..self.names.len()).filter(|&p| !self.ready[p]).collect();
+        for &p in &unready {
+            let g = store.grad(self.ids[p]);
+            self.record(p, g.data())?;
+        }
+        self.submit_complete(worker);
+        let mut first_err = None;
+        for b in 0..self.buckets.len() {
+            let Some(h) = self.inflight[b].take() else {
+                continue;
+            };
+            match h.wait() {
+                Ok(v) if v.len() == self.buckets[b].len => self.bufs[b] = v,
+                Ok(v) => {
+                    first_err.get_or_insert(Error::shape(
+                        "GradBuckets::finish_async",
+                        format!(
+                            "bucket {b} came back with {} values, expected {}",
+                            v.len(),
+                            self.buckets[b].len
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(unready),
+        }
+    }
+
+    /// Copies the (reduced) gradient of every planned parameter into `store`'s gradients.
+    pub fn write_back(&self, store: &mut ParamStore) -> Result<()> {
+        if self.ids.len() != self.names.len() {
+            return Err(Error::invalid(
+                "GradBuckets::write_back",
+                "the plan was not made with GradBuckets::for_store",
+            ));
+        }
+        for (p, &id) in self.ids.iter().enumerate() {
+            let src = self.grad(p);
+            let e = store.entry_mut(id);
+            if src.len() != e.grad.numel() {
+                return Err(Error::shape(
+                    "GradBuckets::write_back",
+                    format!(
+                        "{}: {} reduced values for a gradient of {} (bucket not reduced?)",
+                        e.name,
+                        src.len(),
+                        e.grad.numel()
+                    ),
+                ));
+            }
+            e.grad.data_mut().copy_from_slice(src);
+        }
+        Ok(())
     }
 
     fn reduce_bucket(&mut self, b: usize, comm: &dyn Communicator) -> Result<()> {
@@ -249,18 +430,34 @@ impl GradBuckets {
     }
 
     /// The gradient of `param` as it stands in its bucket: the rank average once its bucket
-    /// has been reduced.
+    /// has been reduced (empty while its bucket is in flight on a worker, or for an index
+    /// outside the plan).
     pub fn grad(&self, param: usize) -> &[f32] {
-        let (b, off) = self.place[param];
-        &self.bufs[b][off..off + self.sizes[param]]
+        let Some(&(b, off)) = self.place.get(param) else {
+            return &[];
+        };
+        self.bufs[b]
+            .get(off..off + self.sizes[param])
+            .unwrap_or(&[])
     }
 
     /// Clears the ready flags for the next step (the buffers are overwritten by the next
-    /// gradients).
+    /// gradients). A buffer lost with a failed step (it was in flight) is allocated again.
     pub fn reset(&mut self) {
         self.ready.iter_mut().for_each(|r| *r = false);
         for (p, b) in self.pending.iter_mut().zip(&self.buckets) {
             *p = b.params.len();
+        }
+        for ((buf, b), h) in self
+            .bufs
+            .iter_mut()
+            .zip(&self.buckets)
+            .zip(&mut self.inflight)
+        {
+            *h = None;
+            if buf.len() != b.len {
+                *buf = vec![0.0; b.len];
+            }
         }
         self.next = 0;
     }

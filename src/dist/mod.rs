@@ -7,8 +7,9 @@
 //!
 //! Around the communicators sit the pieces a multi-process run needs: the rank environment
 //! (torchrun or Slurm variables, [`env::DistEnv`]), the process launcher ([`launch`]), the
-//! Slurm batch script writer ([`slurm`]) and the gradient bucket planner that lets the
-//! all-reduce overlap the backward pass ([`buckets::GradBuckets`]).
+//! Slurm batch script writer ([`slurm`]), the gradient bucket planner
+//! ([`buckets::GradBuckets`]) and the communication worker with the backward's grad-ready hook
+//! that together let the gradient all-reduce overlap the backward pass ([`overlap`]).
 //!
 //! Determinism: the host-side groups ([`LocalGroup`], [`tcp::TcpGroup`]) reduce in f64 in rank
 //! order and round once, so that the same inputs give bit-identical results whichever group
@@ -18,6 +19,7 @@ pub mod buckets;
 pub mod env;
 pub mod launch;
 pub mod nccl;
+pub mod overlap;
 pub mod slurm;
 pub mod tcp;
 

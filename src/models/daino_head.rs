@@ -14,12 +14,17 @@
 //! frozen when `norm_last_layer` (DINO's default, Daino's teacher) and trainable otherwise (the
 //! Daino student: `--norm_last_layer false`). The engine stores `weight_g` as `[out]`; PyTorch's
 //! `[out, 1]` is the same data.
+//!
+//! Overlap: the `backward_hooked` forms report finished gradients to a [`GradReady`] hook (the
+//! head's layer by layer, the backbone's in its last pass), so that the gradient all-reduce
+//! runs while the backward goes on (`dist::overlap`).
 
 use crate::backend::cpu::elementwise::{gelu_backward, gelu_forward};
 use crate::backend::cpu::linear::{
     weight_norm_linear_backward, weight_norm_linear_forward, WeightNormCtx, WeightNormNeeds,
 };
 use crate::backend::cpu::norm::{l2_normalize_backward, l2_normalize_forward, L2NormalizeCtx};
+use crate::dist::overlap::{GradReady, NoGradSink};
 use crate::error::{Error, Result};
 use crate::models::vit::{Vit, VitCache, VitConfig};
 use crate::nn::init::linear_default;
@@ -217,6 +222,18 @@ impl DinoHead {
         cache: DinoHeadCache,
         dlogits: &Tensor<f32>,
     ) -> Result<Tensor<f32>> {
+        self.backward_hooked(store, cache, dlogits, &mut NoGradSink)
+    }
+
+    /// [`DinoHead::backward`] that reports finished gradients to `ready`: the last layer's
+    /// (`weight_v`, and `weight_g` when trainable), then each MLP Linear's, last first.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: DinoHeadCache,
+        dlogits: &Tensor<f32>,
+        ready: &mut dyn GradReady,
+    ) -> Result<Tensor<f32>> {
         let DinoHeadCache {
             mut inputs,
             mut pre_gelu,
@@ -240,7 +257,9 @@ impl DinoHead {
         store.accumulate_grad(self.weight_v, &gr.dv)?;
         if let Some(dg) = gr.dg.as_ref() {
             store.accumulate_grad(self.weight_g, dg)?;
+            ready.ready(store, &[self.weight_g])?;
         }
+        ready.ready(store, &[self.weight_v])?;
         let du = gr.dx.expect("dx requested");
         let mut d = l2_normalize_backward(&du, &z, &l2)?;
         for (i, l) in self.mlp.iter().enumerate().rev() {
@@ -252,6 +271,8 @@ impl DinoHead {
             }
             let x = inputs.pop().expect("one input per layer");
             d = linear_grad(store, l, &x, &d, true)?.expect("dx requested");
+            let ids: Vec<ParamId> = std::iter::once(l.weight).chain(l.bias).collect();
+            ready.ready(store, &ids)?;
         }
         Ok(d)
     }
@@ -373,11 +394,28 @@ impl MultiCropWrapper {
         cache: MultiCropCache,
         dlogits: &Tensor<f32>,
     ) -> Result<()> {
-        let dfeat = self.head.backward(store, cache.head, dlogits)?;
+        self.backward_hooked(store, cache, dlogits, &mut NoGradSink)
+    }
+
+    /// [`MultiCropWrapper::backward`] that reports finished gradients to `ready`: the head's
+    /// layer by layer, then the backbone's block by block during its LAST pass (the groups run
+    /// in crop order, so that is the last group's), when no later pass adds to them.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: MultiCropCache,
+        dlogits: &Tensor<f32>,
+        ready: &mut dyn GradReady,
+    ) -> Result<()> {
+        let dfeat = self
+            .head
+            .backward_hooked(store, cache.head, dlogits, ready)?;
         let sizes: Vec<usize> = cache.groups.iter().map(|(b, _)| *b).collect();
         let parts = dfeat.split_batch(&sizes)?;
-        for ((_, c), d) in cache.groups.into_iter().zip(&parts) {
-            self.backbone.backward(store, c, d)?;
+        let last = cache.groups.len().saturating_sub(1);
+        for (i, ((_, c), d)) in cache.groups.into_iter().zip(&parts).enumerate() {
+            let hook = if i == last { Some(&mut *ready) } else { None };
+            self.backbone.backward_hooked(store, c, d, hook)?;
         }
         Ok(())
     }

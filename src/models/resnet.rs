@@ -22,6 +22,12 @@
 //! SyncBatchNorm over its ranks (the official code converts every BN); the plain forms are
 //! the one-process case.
 //!
+//! Overlap: [`ResNet::backward_hooked`] reports each bottleneck's parameters to a
+//! [`GradReady`] hook as soon as the block's backward is done, and the stem's last, so that the
+//! trainer can all-reduce finished gradients while the backward goes on with earlier blocks
+//! (`dist::overlap`). Only the last backbone pass of a step may report: a multi-crop step runs
+//! one pass per resolution, and every pass adds to every gradient.
+//!
 //! Memory: every activation is held once, in an `Arc` shared by the layer that produced it (as
 //! its output) and the layers that read it in the backward; nothing is cloned.
 
@@ -29,11 +35,12 @@ use crate::backend::cpu::pool::{
     global_avg_pool_backward, global_avg_pool_forward, max_pool2d_backward, max_pool2d_forward,
     MaxPool2dParams, MaxPool2dSaved,
 };
+use crate::dist::overlap::GradReady;
 use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::nn::batchnorm::{BatchNorm, BatchNormCache};
 use crate::nn::conv::{Conv2d, Conv2dCache};
-use crate::nn::ParamStore;
+use crate::nn::{ParamId, ParamStore};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -226,6 +233,24 @@ impl Bottleneck {
             bn3,
             downsample,
         }
+    }
+
+    /// The block's trainable parameters (conv weights, BN weights and biases, downsample), in
+    /// registration order: what its backward leaves final.
+    pub fn params(&self) -> Vec<ParamId> {
+        let mut ids = Vec::with_capacity(12);
+        let mut conv_bn = |c: &Conv2d, b: &BatchNorm| {
+            ids.push(c.weight);
+            ids.extend(c.bias);
+            ids.extend([b.weight, b.bias]);
+        };
+        conv_bn(&self.conv1, &self.bn1);
+        conv_bn(&self.conv2, &self.bn2);
+        conv_bn(&self.conv3, &self.bn3);
+        if let Some((c, b)) = &self.downsample {
+            conv_bn(c, b);
+        }
+        ids
     }
 
     /// Forward of one block; returns its output (shared with the cache).
@@ -466,6 +491,21 @@ impl ResNet {
         dfeats: &Tensor<f32>,
         comm: &dyn Communicator,
     ) -> Result<()> {
+        self.backward_hooked(store, cache, dfeats, comm, None)
+    }
+
+    /// [`ResNet::backward_with`] that reports finished gradients to `ready`: each bottleneck's
+    /// parameters once its backward is done (layer4 first), then the stem's (`conv1`, `bn1`).
+    /// Pass `Some` only for the last backbone pass of a step (earlier passes' gradients are not
+    /// final), `None` for the others.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: ResNetCache,
+        dfeats: &Tensor<f32>,
+        comm: &dyn Communicator,
+        mut ready: Option<&mut (dyn GradReady + '_)>,
+    ) -> Result<()> {
         let mut d = global_avg_pool_backward(dfeats, &cache.last_shape)?;
         let mut caches = cache.blocks;
         for blk in self.layers.iter().flatten().rev() {
@@ -473,10 +513,19 @@ impl ResNet {
                 Error::invalid("ResNet::backward", "cache has fewer blocks than the model")
             })?;
             d = blk.backward_with(store, c, d, comm)?;
+            if let Some(r) = ready.as_deref_mut() {
+                r.ready(store, &blk.params())?;
+            }
         }
         let d = max_pool2d_backward(&d, &cache.pool)?;
         let d = self.bn1.backward_with(store, cache.bn1, &d, comm)?;
         self.conv1.backward(store, cache.conv1, &d, false)?;
+        if let Some(r) = ready {
+            let mut stem = vec![self.conv1.weight];
+            stem.extend(self.conv1.bias);
+            stem.extend([self.bn1.weight, self.bn1.bias]);
+            r.ready(store, &stem)?;
+        }
         Ok(())
     }
 }

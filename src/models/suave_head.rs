@@ -14,15 +14,21 @@
 //! heads are the `ModuleList` `cls_heads` (`cls_heads.{0,1,2}.{weight,bias}`), registered after the
 //! projection head and before `prototypes`, as the official module registers them.
 //! All Linears use PyTorch's default init; the BN weight 1, bias 0.
+//!
+//! Overlap: the `backward_hooked` forms report each layer's parameters to a [`GradReady`] hook
+//! as soon as its gradient is final (the heads run once a step, so right after their own
+//! backward; the backbone in its last pass only), so that the gradient all-reduce can run
+//! while the backward goes on (`dist::overlap`).
 
 use super::resnet::{ResNet, ResNetCache, ResNetConfig};
 use crate::backend::cpu::elementwise::add_assign;
 use crate::backend::cpu::norm::{l2_normalize_backward, l2_normalize_forward, L2NormalizeCtx};
+use crate::dist::overlap::{GradReady, NoGradSink};
 use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::nn::batchnorm::{BatchNorm, BatchNormCache};
 use crate::nn::linear::{Linear, LinearCache};
-use crate::nn::ParamStore;
+use crate::nn::{ParamId, ParamStore};
 use crate::tensor::Tensor;
 
 /// The online heads' names in the official logs, in `cls_heads` order.
@@ -252,24 +258,49 @@ impl SuaveHead {
         grads: SuaveGrads<'_>,
         comm: &dyn Communicator,
     ) -> Result<Tensor<f32>> {
+        self.backward_hooked(store, cache, grads, comm, &mut NoGradSink)
+    }
+
+    /// [`SuaveHead::backward_with`] that reports each layer's parameters to `ready` once its
+    /// gradient is final: the online heads, the prototypes, `projection_head.1`, the BN, then
+    /// `projection_head.0.0`.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: SuaveHeadCache,
+        grads: SuaveGrads<'_>,
+        comm: &dyn Communicator,
+        ready: &mut dyn GradReady,
+    ) -> Result<Tensor<f32>> {
         if let (Some(heads), Some(caches), Some(dl)) = (&self.cls_heads, cache.online, grads.online)
         {
             for ((head, c), g) in heads.iter().zip(caches).zip(dl) {
                 head.backward(store, c, g, false)?;
+                ready.ready(store, &linear_params(head))?;
             }
         }
         let mut dz = need(
             self.prototypes
                 .backward(store, cache.proto, grads.scores, true)?,
         )?;
+        ready.ready(store, &linear_params(&self.prototypes))?;
         if let Some(g) = grads.embedding {
             add_assign(&mut dz, g)?;
         }
         let dz_raw = l2_normalize_backward(&dz, &cache.z_raw, &cache.l2)?;
         let da = need(self.proj_fc2.backward(store, cache.fc2, &dz_raw, true)?)?;
+        ready.ready(store, &linear_params(&self.proj_fc2))?;
         let dh = self.proj_bn.backward_with(store, cache.bn, &da, comm)?;
-        need(self.proj_fc1.backward(store, cache.fc1, &dh, true)?)
+        ready.ready(store, &[self.proj_bn.weight, self.proj_bn.bias])?;
+        let df = need(self.proj_fc1.backward(store, cache.fc1, &dh, true)?)?;
+        ready.ready(store, &linear_params(&self.proj_fc1))?;
+        Ok(df)
     }
+}
+
+/// A Linear's weight and bias ids.
+fn linear_params(l: &Linear) -> Vec<ParamId> {
+    std::iter::once(l.weight).chain(l.bias).collect()
 }
 
 fn need(dx: Option<Tensor<f32>>) -> Result<Tensor<f32>> {
@@ -406,11 +437,30 @@ impl SuaveNet {
         grads: SuaveGrads<'_>,
         comm: &dyn Communicator,
     ) -> Result<()> {
-        let df = self.head.backward_with(store, cache.head, grads, comm)?;
+        self.backward_hooked(store, cache, grads, comm, &mut NoGradSink)
+    }
+
+    /// [`SuaveNet::backward_with`] that reports finished gradients to `ready`: the head's layer
+    /// by layer, then the backbone's block by block during its LAST pass (the groups run in
+    /// reverse, so that is the first group's: the labelled rows and the global views, the
+    /// largest pass), when no later pass adds to them. Every trainable parameter is reported
+    /// exactly once when the forward produced online logits and `grads.online` is given.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: SuaveCache,
+        grads: SuaveGrads<'_>,
+        comm: &dyn Communicator,
+        ready: &mut dyn GradReady,
+    ) -> Result<()> {
+        let df = self
+            .head
+            .backward_hooked(store, cache.head, grads, comm, ready)?;
         let rows: Vec<usize> = cache.groups.iter().map(|(n, _)| *n).collect();
         let parts = df.split_batch(&rows)?;
-        for ((_, c), d) in cache.groups.into_iter().zip(parts).rev() {
-            self.backbone.backward_with(store, c, &d, comm)?;
+        for (i, ((_, c), d)) in cache.groups.into_iter().zip(parts).enumerate().rev() {
+            let hook = if i == 0 { Some(&mut *ready) } else { None };
+            self.backbone.backward_hooked(store, c, &d, comm, hook)?;
         }
         Ok(())
     }

@@ -23,9 +23,15 @@
 //! The final LayerNorm runs on the CLS rows only: it is per-token and only the CLS output is
 //! returned, so the result equals DINO's `norm(x)[:, 0]`, and the backward sends gradient into
 //! the last block through the CLS rows only (the other rows' gradient is zero, as in PyTorch).
+//!
+//! Overlap: [`Vit::backward_hooked`] reports the final norm's, each block's and then the token
+//! embedding's parameters to a [`GradReady`] hook as their gradients become final (in the last
+//! backbone pass of a multi-crop step only), so that their all-reduce can run while the
+//! backward goes on (`dist::overlap`).
 
 use crate::backend::cpu::conv::{conv2d_backward, conv2d_forward, Conv2dParams};
 use crate::backend::cpu::interp::{bicubic_backward, bicubic_forward, Bicubic};
+use crate::dist::overlap::GradReady;
 use crate::error::{Error, Result};
 use crate::nn::init::{linear_default, oihw_to_krsc, trunc_normal};
 use crate::nn::layernorm::{LayerNorm, LayerNormCache};
@@ -363,6 +369,19 @@ impl Vit {
         cache: VitCache,
         dy: &Tensor<f32>,
     ) -> Result<()> {
+        self.backward_hooked(store, cache, dy, None)
+    }
+
+    /// [`Vit::backward`] that reports finished gradients to `ready`: the final norm's, each
+    /// block's (last block first), then `cls_token`, `pos_embed` and the patch embedding's.
+    /// Pass `Some` only for the last backbone pass of a step, `None` for the others.
+    pub fn backward_hooked(
+        &self,
+        store: &mut ParamStore,
+        cache: VitCache,
+        dy: &Tensor<f32>,
+        mut ready: Option<&mut (dyn GradReady + '_)>,
+    ) -> Result<()> {
         let VitCache {
             x,
             grid: (gh, gw),
@@ -373,6 +392,9 @@ impl Vit {
         let (b, d, n) = (x.dim(0), self.cfg.dim, gh * gw);
         dy.expect_shape("Vit::backward", "dy", &[b, d])?;
         let dcls = self.norm.backward(store, norm, dy)?;
+        if let Some(r) = ready.as_deref_mut() {
+            r.ready(store, &[self.norm.weight, self.norm.bias])?;
+        }
         let mut dt = vec![0f32; b * (1 + n) * d];
         for (bi, row) in dcls.data().chunks_exact(d).enumerate() {
             dt[bi * (1 + n) * d..bi * (1 + n) * d + d].copy_from_slice(row);
@@ -381,6 +403,9 @@ impl Vit {
         for blk in self.blocks.iter().rev() {
             let c = blocks.pop().expect("one cache per block");
             dt = blk.backward(store, c, dt)?;
+            if let Some(r) = ready.as_deref_mut() {
+                r.ready(store, &blk.params())?;
+            }
         }
         // Tokens: cls_token gets the batch sum of the CLS rows, pos_embed the batch sum of all
         // rows, the patch embedding the patch rows.
@@ -422,6 +447,17 @@ impl Vit {
         store.accumulate_grad(self.patch_weight, &gr.dw)?;
         if let Some(db) = gr.db.as_ref() {
             store.accumulate_grad(self.patch_bias, db)?;
+        }
+        if let Some(r) = ready {
+            r.ready(
+                store,
+                &[
+                    self.cls_token,
+                    self.pos_embed,
+                    self.patch_weight,
+                    self.patch_bias,
+                ],
+            )?;
         }
         Ok(())
     }

@@ -215,6 +215,10 @@ pub struct TrainArgs {
     /// With the embedded data: skip the supervised baseline run.
     #[arg(long)]
     pub no_baseline: bool,
+    /// With several ranks: all-reduce the gradients after the backward instead of bucket by
+    /// bucket during it (same numbers; for comparison and debugging).
+    #[arg(long)]
+    pub no_overlap: bool,
 }
 
 fn pair(flag: &'static str, v: &[f64]) -> Result<(f64, f64)> {
@@ -390,6 +394,9 @@ impl TrainArgs {
         }
         c.max_steps = self.max_steps;
         c.init = self.init.clone();
+        if self.no_overlap {
+            c.overlap_grad_reduce = false;
+        }
         if self.output.is_none() && self.preset.is_some() {
             c.output = PathBuf::from("runs").join(self.preset.clone().unwrap_or_default());
         }
@@ -427,6 +434,9 @@ mod tests {
         let (c, _) = parse(&[]).resolve(false).unwrap();
         assert_eq!((c.method, c.arch), (Method::Suave, Arch::ResnetTiny));
         assert_eq!(c.data_path, None);
+        assert!(c.overlap_grad_reduce);
+        let (c, _) = parse(&["--no-overlap"]).resolve(false).unwrap();
+        assert!(!c.overlap_grad_reduce);
         let (c, _) = parse(&[
             "--method",
             "daino",

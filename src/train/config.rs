@@ -271,6 +271,16 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// With several ranks, all-reduce the gradients bucket by bucket while the backward runs
+    /// (DDP's overlap) instead of after it; the numbers are the same either way (`--no-overlap`
+    /// turns it off). Absent from older `config.json` files: on.
+    #[serde(default = "yes")]
+    pub overlap_grad_reduce: bool,
+}
+
+/// serde's default for switches that are on unless a file says otherwise.
+fn yes() -> bool {
+    true
 }
 
 /// The presets: one per official script.
@@ -358,6 +368,7 @@ impl TrainConfig {
             checkpoint_freq: if daino { 20 } else { 25 },
             log_every: if daino { 10 } else { 50 },
             device: "auto".into(),
+            overlap_grad_reduce: true,
         }
     }
 
@@ -675,5 +686,14 @@ mod tests {
         let back: TrainConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
         assert!(s.contains("\"arch\":\"vit-tiny\""), "{s}");
+        // A config.json from before `overlap_grad_reduce` existed reads as overlap on.
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("overlap_grad_reduce");
+        let mut c2 = c.clone();
+        c2.overlap_grad_reduce = false;
+        let old: TrainConfig = serde_json::from_value(v).unwrap();
+        assert!(old.overlap_grad_reduce);
+        assert_eq!(old, c);
+        assert_ne!(old, c2);
     }
 }

@@ -13,7 +13,7 @@
 
 use super::config::{Method, TrainConfig};
 use super::metrics::{topk_correct, StepMetrics};
-use super::run::{average_gradients, average_metrics};
+use super::run::{average_metrics, GradSync};
 use super::{labelled_input, rows};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
@@ -44,6 +44,8 @@ pub struct DainoState {
     pub adamw: AdamW,
     /// DINO centre.
     pub center: DinoCenter<f32>,
+    /// How the gradients are averaged over the ranks (overlapped with the backward or after).
+    pub grad_sync: GradSync,
     lr: CosineSchedule,
     wd: CosineSchedule,
     momentum: CosineSchedule,
@@ -103,6 +105,7 @@ impl DainoState {
             teacher,
             adamw: AdamW::new(),
             center: DinoCenter::new(cfg.num_classes),
+            grad_sync: GradSync::new(cfg.overlap_grad_reduce),
             lr,
             wd,
             momentum,
@@ -204,11 +207,14 @@ impl DainoState {
         let mut metrics = average_metrics(&metrics, comm)?;
         metrics.check_finite(it)?;
 
-        self.student
-            .backward(&mut self.student_store, cache, &dlogits)?;
         // DDP: the mean of the ranks' gradients of their per-rank mean losses is the gradient
-        // of the global-batch loss.
-        average_gradients(&mut self.student_store, comm)?;
+        // of the global-batch loss; all-reduced bucket by bucket while the backward runs (or
+        // after it, without overlap). The ViT has no collective of its own in the backward.
+        let student = &self.student;
+        self.grad_sync
+            .backward(&mut self.student_store, comm, |store, _comm, ready| {
+                student.backward_hooked(store, cache, &dlogits, ready)
+            })?;
         if epoch < cfg.freeze_last_layer {
             for id in [self.student.head.weight_g, self.student.head.weight_v] {
                 let e = self.student_store.entry_mut(id);

@@ -9,7 +9,9 @@
 //! run ranks as threads of a [`LocalGroup`](crate::dist::LocalGroup)). Rank 0's initial weights
 //! are broadcast; each rank reads its shard of the data (DistributedSampler semantics), so an
 //! epoch has `floor(ceil(n / world) / bs)` iterations; each step synchronises BN statistics,
-//! Sinkhorn and the DINO centre, and averages the metrics and gradients over the ranks. Only
+//! Sinkhorn and the DINO centre, and averages the metrics and gradients over the ranks (the
+//! gradients while the backward runs, bucket by bucket, unless `overlap_grad_reduce` is off:
+//! [`GradSync`]). Only
 //! rank 0 writes the run folder (config, metrics, checkpoints, final weights, summary),
 //! evaluates and prints; every rank's Suave queue is gathered into rank 0's checkpoint
 //! (`queue.rank{r}`) and a resume on the same world size gives each rank its own back.
@@ -25,7 +27,9 @@ use crate::data::{
     BadInput, BatchKind, CyclingLoader, Dataset, EpochLoader, LabelSpec, LoaderConfig,
     SemiSupervised,
 };
+use crate::dist::buckets::{BucketConfig, GradBuckets};
 use crate::dist::env::DistEnv;
+use crate::dist::overlap::{overlapped_backward, GradReady, NoGradSink};
 use crate::dist::tcp::{TcpConfig, TcpGroup};
 use crate::dist::{Communicator, SingleProcess};
 use crate::error::{Error, Result};
@@ -74,8 +78,9 @@ const FINAL: &str = "final.safetensors";
 const SUMMARY: &str = "summary.json";
 
 /// Settings a resumed run may change: they do not alter the numbers.
-const RESUME_MAY_CHANGE: [&str; 6] = [
+const RESUME_MAY_CHANGE: [&str; 7] = [
     "max_steps",
+    "overlap_grad_reduce",
     "workers",
     "log_every",
     "device",
@@ -285,6 +290,57 @@ pub fn average_gradients(store: &mut ParamStore, comm: &dyn Communicator) -> Res
         }
     }
     flush(&mut buf, &mut spans, store)
+}
+
+/// How a step's backward and gradient averaging run (DDP's reducer). With several ranks and
+/// `overlap` on, the backward reports finished gradients to bucket hooks and each bucket is
+/// all-reduced on a communication thread while the backward goes on
+/// ([`overlapped_backward`]); with `overlap` off, the backward runs to the end and
+/// [`average_gradients`] follows. Both give bit-identical gradients on the host groups (each
+/// element is reduced alone, in f64, in rank order). The bucket plan is made on first use and
+/// again whenever the set of trainable parameters changes.
+#[derive(Default)]
+pub struct GradSync {
+    /// Overlap the all-reduce with the backward (`overlap_grad_reduce`).
+    pub overlap: bool,
+    /// Bucket sizes and wire type of the overlapped path (DDP's defaults).
+    pub buckets: BucketConfig,
+    plan: Option<GradBuckets>,
+}
+
+impl GradSync {
+    /// DDP's bucket sizes; `overlap` as the configuration says.
+    pub fn new(overlap: bool) -> Self {
+        GradSync {
+            overlap,
+            buckets: BucketConfig::default(),
+            plan: None,
+        }
+    }
+
+    /// Runs `backward` (given the store, the communicator for its own collectives and the
+    /// grad-ready hook) and leaves every trainable gradient averaged over the ranks of
+    /// `comm`. Collective.
+    pub fn backward<F>(
+        &mut self,
+        store: &mut ParamStore,
+        comm: &dyn Communicator,
+        backward: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut ParamStore, &dyn Communicator, &mut dyn GradReady) -> Result<()>,
+    {
+        if comm.world_size() <= 1 || !self.overlap {
+            backward(store, comm, &mut NoGradSink)?;
+            return average_gradients(store, comm);
+        }
+        let plan = match self.plan.take() {
+            Some(p) if p.matches(store) => p,
+            _ => GradBuckets::for_store(store, &self.buckets)?,
+        };
+        let plan = self.plan.insert(plan);
+        overlapped_backward(store, plan, comm, backward)
+    }
 }
 
 /// Gives every rank rank 0's parameters and buffers (DDP's initial broadcast), so that the

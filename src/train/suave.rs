@@ -14,7 +14,7 @@
 
 use super::config::{Method, TrainConfig};
 use super::metrics::{argmax_rows, topk_correct, StepMetrics};
-use super::run::{average_gradients, average_metrics};
+use super::run::{average_metrics, GradSync};
 use super::{labelled_input, rows};
 use crate::backend::cpu::loss::{
     cross_entropy_backward, cross_entropy_forward, one_hot, CrossEntropyParams,
@@ -45,6 +45,8 @@ pub struct SuaveState {
     pub lars: Lars,
     /// The per-rank queue (None when `queue_length` is 0).
     pub queue: Option<Queue>,
+    /// How the gradients are averaged over the ranks (overlapped with the backward or after).
+    pub grad_sync: GradSync,
     lr: CosineSchedule,
     loss_cfg: SuaveConfig,
     supervised: bool,
@@ -133,6 +135,7 @@ impl SuaveState {
             net,
             lars: Lars::new(cfg.weight_decay as f32),
             queue,
+            grad_sync: GradSync::new(cfg.overlap_grad_reduce),
             lr,
             loss_cfg,
             supervised,
@@ -343,19 +346,19 @@ impl SuaveState {
         metrics.check_finite(it)?;
 
         let online_refs = online_grads.as_ref().map(|g| [&g[0], &g[1], &g[2]]);
-        self.net.backward_with(
-            &mut self.store,
-            cache,
-            SuaveGrads {
-                scores: &dscores,
-                embedding: None,
-                online: online_refs,
-            },
-            comm,
-        )?;
         // DDP: every rank's loss is a mean over its own rows, so the mean of the ranks'
-        // gradients is the gradient of the global-batch loss.
-        average_gradients(&mut self.store, comm)?;
+        // gradients is the gradient of the global-batch loss; it is all-reduced bucket by
+        // bucket while the backward runs (or after it, without overlap).
+        let net = &self.net;
+        self.grad_sync
+            .backward(&mut self.store, comm, |store, comm, ready| {
+                let grads = SuaveGrads {
+                    scores: &dscores,
+                    embedding: None,
+                    online: online_refs,
+                };
+                net.backward_hooked(store, cache, grads, comm, ready)
+            })?;
         let lr = self.lr.at(it)?;
         let proto = self.net.head.prototypes.weight;
         let frozen = it < cfg.freeze_prototypes_niters;

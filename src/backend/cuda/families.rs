@@ -21,7 +21,7 @@ use crate::testing::rel_l2;
 use serde_json::{json, Value};
 
 /// Families with check rows below.
-const WRAPPED: [&str; 4] = ["sinkhorn", "softmax_ce", "optim", "norm"];
+const WRAPPED: [&str; 3] = ["sinkhorn", "softmax_ce", "optim"];
 
 /// Tolerance of fp32 kernels against the CPU's f32/f64 arithmetic.
 const TOL_F32_KERNEL: f64 = 1e-4;
@@ -48,54 +48,6 @@ pub fn check_rows(c: &mut Checker<'_, Gpu>) {
     if table::module("optim").is_some() {
         optim_rows(c);
     }
-    if table::module("norm").is_some() {
-        norm_rows(c);
-    }
-}
-
-/// ViT-S/16's layer norm (64 images x 197 tokens, width 384) against `cpu::norm`.
-fn norm_rows(c: &mut Checker<'_, Gpu>) {
-    use crate::backend::cpu::norm::layer_norm_forward;
-    let rows = if c.opts.quick { 2 * 197 } else { 64 * 197 };
-    let d = 384;
-    let eps = 1e-6f32;
-    c.row(
-        "norm",
-        "layernorm_fwd",
-        format!("R{rows} D{d}"),
-        json!({"kind": "layernorm", "rows": rows, "d": d, "eps": eps}),
-        |c| {
-            let x = round_bf16(&random("ln.x", rows * d));
-            let g: Vec<f32> = random("ln.g", d).iter().map(|v| 1.0 + 0.5 * v).collect();
-            let b = random("ln.b", d);
-            let (want, _) = layer_norm_forward(
-                &Tensor::from_vec(x.clone(), &[rows, d])?,
-                &Tensor::from_vec(g.clone(), &[d])?,
-                &Tensor::from_vec(b.clone(), &[d])?,
-                eps as f64,
-            )?;
-            let (xd, gd, bd) = (c.dev.upload_bf16(&x)?, c.dev.upload(&g)?, c.dev.upload(&b)?);
-            let out = super::norm::layernorm_forward(c.dev, &xd, &gd, &bd, rows, d, eps)?;
-            let got = c.dev.download_bf16(&out.y)?;
-            let t = c.time(|| {
-                super::norm::layernorm_forward(c.dev, &xd, &gd, &bd, rows, d, eps).map(drop)
-            })?;
-            Ok(Measured {
-                err: Some((rel_l2(&got, want.data()), TOL_BF16)),
-                time: Some(t),
-                bytes: 4.0 * (rows * d) as f64,
-                note: "aim: >= 70% of copy bandwidth (%floor)".into(),
-                ..Default::default()
-            })
-        },
-    );
-    c.row("norm", "norm_other_kernels", "-".into(), Value::Null, |_| {
-        Ok(Measured {
-            skipped: true,
-            note: "SKIP: batch norm, L2 normalise, prototype renorm, layer norm backward have no GPU wrapper yet".into(),
-            ..Default::default()
-        })
-    });
 }
 
 /// AdamW over ViT-S/16-like tensors (~21 M parameters in 96 tensors), with the bf16 shadow.

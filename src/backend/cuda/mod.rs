@@ -12,7 +12,7 @@
 //! in `context.rs`; the caching allocator and device buffers in `alloc.rs`; kernel loading and
 //! launching in `module.rs`; library wrappers in `cublaslt.rs`, `cudnn.rs`, `nvjpeg.rs`; the
 //! GPU check in `check.rs`; the own kernels' launches in `<family>.rs` (`sinkhorn.rs`,
-//! `softmax_ce.rs`, `optim.rs`, `norm.rs`), mirroring `kernels/<family>.cu` and `backend::cpu`.
+//! `softmax_ce.rs`, `optim.rs`), mirroring `kernels/<family>.cu` and `backend::cpu`.
 
 pub mod alloc;
 pub mod check;
@@ -23,7 +23,6 @@ pub mod device;
 pub mod exec;
 pub mod families;
 pub mod module;
-pub mod norm;
 pub mod nvjpeg;
 pub mod optim;
 pub mod sinkhorn;

@@ -1,9 +1,10 @@
 //! CPU execution of the engine's own CUDA kernels: the very same `kernels/*.cu` sources,
 //! compiled by g++ with `kernels/emu/cuda_emu.h` (build.rs), launched here with the grid, block
 //! and shared-memory size the GPU runtime would use. This is how every kernel is tested on
-//! machines without a GPU: the per-family wrappers ([`sinkhorn`], [`softmax_ce`],
-//! [`elementwise`]) check lengths, launch, and return `crate::Result`; the tests compare their
-//! output with the CPU backend.
+//! machines without a GPU: the per-family wrappers ([`sinkhorn`], [`softmax_ce`]) check
+//! lengths, launch, and return `crate::Result`; the tests compare their output with the CPU
+//! backend. (`norm`, `elementwise`, `mixup` and `augment` have moved to `backend::device`,
+//! whose ops run on the GPU and on this emulation alike.)
 //!
 //! Arguments travel as on the GPU: an array of pointers to each parameter's value, the
 //! `kernelParams` of `cuLaunchKernel`. So a wrapper here is also the reference for the argument
@@ -12,9 +13,6 @@
 use crate::error::{Error, Result};
 use std::ffi::c_void;
 
-pub mod augment;
-pub mod elementwise;
-pub mod mixup;
 pub mod sinkhorn;
 pub mod softmax_ce;
 

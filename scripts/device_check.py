@@ -191,7 +191,7 @@ def main():
     lines.append(f"kernels: {rep.get('kernel_compiler', '?')}")
     lines.append(f"ceilings (engine): copy {rep.get('copy_gbps', 0):.0f} GB/s, bf16 GEMM {rep.get('gemm_tflops', 0):.1f} TFLOP/s")
     lines.append(torch_note)
-    hdr = f"{'group':<9} {'op':<28} {'shape':<34} {'rel.err':>8} {'ok':>4} {'ms':>9} {'floor':>9} {'%floor':>6} {'torch ms':>9} {'torch/eng':>9}  note"
+    hdr = f"{'group':<11} {'op':<28} {'shape':<34} {'rel.err':>8} {'ok':>4} {'ms':>9} {'floor':>9} {'%floor':>6} {'torch ms':>9} {'torch/eng':>9}  note"
     lines.append(hdr)
     torch_failures = []
     for r in rows:
@@ -215,7 +215,7 @@ def main():
         ratio = f"{tms / ms:.2f}" if ms and tms else "-"
         ok = "skip" if r.get("skipped") else ("ok" if r.get("passed") else "FAIL")
         lines.append(
-            f"{r['group']:<9} {r['id']:<28} {r['shape'][:34]:<34} {fmt(r.get('rel_err'), '.1e'):>8} {ok:>4} "
+            f"{r['group']:<11} {r['id']:<28} {r['shape'][:34]:<34} {fmt(r.get('rel_err'), '.1e'):>8} {ok:>4} "
             f"{fmt(ms, '.4f'):>9} {fmt(floor, '.4f'):>9} {pct:>6} {fmt(tms, '.4f'):>9} {ratio:>9}  {r.get('note', '')}"
         )
     passed = bool(rep.get("passed")) and all(r.get("passed") for r in rep.get("rows", []))

@@ -121,12 +121,20 @@ pub struct CheckReport {
 impl CheckReport {
     /// The table as text (one line per row).
     pub fn table(&self) -> String {
+        let ceilings = if self.copy_gbps > 0.0 {
+            format!(
+                "copy {:.0} GB/s, bf16 GEMM {:.1} TFLOP/s",
+                self.copy_gbps, self.gemm_tflops
+            )
+        } else {
+            "not measured (no floors: times are not GPU times)".to_string()
+        };
         let mut s = format!(
-            "{}\n{}kernels: {}\nceilings: copy {:.0} GB/s, bf16 GEMM {:.1} TFLOP/s\n",
-            self.device, self.libraries, self.kernel_compiler, self.copy_gbps, self.gemm_tflops
+            "{}\n{}kernels: {}\nceilings: {ceilings}\n",
+            self.device, self.libraries, self.kernel_compiler
         );
         s.push_str(&format!(
-            "{:<9} {:<28} {:<34} {:>9} {:>7} {:>4} {:>9} {:>9} {:>6}  {}\n",
+            "{:<11} {:<28} {:<34} {:>9} {:>7} {:>4} {:>9} {:>9} {:>6}  {}\n",
             "group", "op", "shape", "rel.err", "tol", "ok", "ms", "floor ms", "%floor", "note"
         ));
         let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
@@ -144,7 +152,7 @@ impl CheckReport {
                 "FAIL"
             };
             s.push_str(&format!(
-                "{:<9} {:<28} {:<34} {:>9} {:>7} {:>4} {:>9} {:>9} {:>6}  {}\n",
+                "{:<11} {:<28} {:<34} {:>9} {:>7} {:>4} {:>9} {:>9} {:>6}  {}\n",
                 r.group,
                 r.id,
                 r.shape,

@@ -11,8 +11,8 @@
 //! Where the files are: detection in `device.rs`; the [`Gpu`] context (stream, events, timing)
 //! in `context.rs`; the caching allocator and device buffers in `alloc.rs`; kernel loading and
 //! launching in `module.rs`; library wrappers in `cublaslt.rs`, `cudnn.rs`, `nvjpeg.rs`; the
-//! GPU check in `check.rs`; the own kernels' launches in `<family>.rs` (`sinkhorn.rs`,
-//! `softmax_ce.rs`, `optim.rs`, `norm.rs`), mirroring `kernels/<family>.cu` and `backend::cpu`.
+//! GPU check in `check.rs`; the own kernels' launches in `<family>.rs` (`optim.rs`,
+//! `norm.rs`), mirroring `kernels/<family>.cu` and `backend::cpu`.
 
 pub mod alloc;
 pub mod check;
@@ -26,8 +26,6 @@ pub mod module;
 pub mod norm;
 pub mod nvjpeg;
 pub mod optim;
-pub mod sinkhorn;
-pub mod softmax_ce;
 
 pub use alloc::{AllocStats, DeviceBuffer};
 pub use check::{run_check, CheckOptions, CheckReport, CheckRow};

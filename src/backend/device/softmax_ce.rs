@@ -26,6 +26,7 @@ use crate::tensor::Tensor;
 use crate::testing::rel_l2;
 use half::bf16;
 use serde_json::json;
+use std::cell::OnceCell;
 
 /// The kernel module (`kernels/softmax_ce.cu`).
 pub const MODULE: &str = "softmax_ce";
@@ -301,15 +302,22 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
     let err = |e: &Error| Error::invalid("device-check", e.to_string());
     for &(b, k) in shapes {
         let threads = row_threads(k);
-        let z = round_bf16(&random(&format!("ce.z.{b}.{k}"), b * k));
-        let t = soft_targets(&format!("ce.t.{b}.{k}"), b, k);
-        let reference = Tensor::from_vec(z.clone(), &[b, k]).and_then(|zt| {
-            let tt = Tensor::from_vec(t.clone(), &[b, k])?;
-            let (loss, ctx) = cross_entropy_forward(&zt, &tt, p)?;
-            let dz = cross_entropy_backward(dloss, &tt, &ctx)?;
-            Ok((loss, dz))
-        });
-        let reference = reference.as_ref();
+        // Inputs and the CPU reference, made when a row that needs them runs (not when
+        // filtered out): [640, 65536] takes a while on the CPU.
+        let data = OnceCell::new();
+        let data = || {
+            data.get_or_init(|| {
+                let z = round_bf16(&random(&format!("ce.z.{b}.{k}"), b * k));
+                let t = soft_targets(&format!("ce.t.{b}.{k}"), b, k);
+                let reference = Tensor::from_vec(z.clone(), &[b, k]).and_then(|zt| {
+                    let tt = Tensor::from_vec(t.clone(), &[b, k])?;
+                    let (loss, ctx) = cross_entropy_forward(&zt, &tt, p)?;
+                    let dz = cross_entropy_backward(dloss, &tt, &ctx)?;
+                    Ok((loss, dz))
+                });
+                (z, t, reference)
+            })
+        };
         let bk = (b * k) as f64;
         let shape = format!("B{b} K{k} tau{tau} ls{ls}");
         let torch = |dir: &str| json!({"kind": "softmax_ce", "dir": dir, "b": b, "k": k, "tau": tau, "ls": ls});
@@ -320,7 +328,8 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             shape.clone(),
             torch("fwd"),
             |c| {
-                let (want, _) = reference.map_err(err)?;
+                let (z, t, reference) = data();
+                let (want, _) = reference.as_ref().map_err(err)?;
                 let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
                 let run = || softmax_ce_forward(c.dev, &zd, &td, b, k, p, threads);
                 let got = c.dev.download(&run()?.loss)?;
@@ -341,7 +350,8 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             shape.clone(),
             torch("bwd"),
             |c| {
-                let (_, want) = reference.map_err(err)?;
+                let (z, t, reference) = data();
+                let (_, want) = reference.as_ref().map_err(err)?;
                 let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
                 let f = softmax_ce_forward(c.dev, &zd, &td, b, k, p, threads)?;
                 let run = || softmax_ce_backward(c.dev, &zd, &td, &f, b, k, p, dloss, threads);
@@ -363,7 +373,8 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             shape,
             torch("fwdbwd"),
             |c| {
-                let (want_loss, want) = reference.map_err(err)?;
+                let (z, t, reference) = data();
+                let (want_loss, want) = reference.as_ref().map_err(err)?;
                 let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
                 let run = || softmax_ce_fused(c.dev, &zd, &td, b, k, p, dloss, threads);
                 let out = run()?;

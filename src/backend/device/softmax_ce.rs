@@ -330,7 +330,7 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             |c| {
                 let (z, t, reference) = data();
                 let (want, _) = reference.as_ref().map_err(err)?;
-                let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
+                let (zd, td) = (c.dev.upload_bf16(z)?, c.dev.upload(t)?);
                 let run = || softmax_ce_forward(c.dev, &zd, &td, b, k, p, threads);
                 let got = c.dev.download(&run()?.loss)?;
                 let tm = c.time(|| run().map(drop))?;
@@ -352,7 +352,7 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             |c| {
                 let (z, t, reference) = data();
                 let (_, want) = reference.as_ref().map_err(err)?;
-                let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
+                let (zd, td) = (c.dev.upload_bf16(z)?, c.dev.upload(t)?);
                 let f = softmax_ce_forward(c.dev, &zd, &td, b, k, p, threads)?;
                 let run = || softmax_ce_backward(c.dev, &zd, &td, &f, b, k, p, dloss, threads);
                 let got = c.dev.download_bf16(&run()?)?;
@@ -375,7 +375,7 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
             |c| {
                 let (z, t, reference) = data();
                 let (want_loss, want) = reference.as_ref().map_err(err)?;
-                let (zd, td) = (c.dev.upload_bf16(&z)?, c.dev.upload(&t)?);
+                let (zd, td) = (c.dev.upload_bf16(z)?, c.dev.upload(t)?);
                 let run = || softmax_ce_fused(c.dev, &zd, &td, b, k, p, dloss, threads);
                 let out = run()?;
                 let got = c.dev.download_bf16(&out.dz)?;

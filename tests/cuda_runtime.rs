@@ -463,7 +463,9 @@ fn the_quick_device_check_passes_or_reports_no_gpu() {
 
 #[test]
 fn sinkhorn_kernels_match_the_cpu_codes() {
-    use sdengine::backend::cuda::sinkhorn;
+    use sdengine::backend::device::sinkhorn::{
+        sinkhorn_fused, sinkhorn_per_iteration, FUSED_THREADS, THREADS,
+    };
     use sdengine::dist::SingleProcess;
     use sdengine::methods::sinkhorn::{sinkhorn as cpu_sinkhorn, SinkhornParams};
     let Some(g) = gpu("sinkhorn_kernels") else {
@@ -483,11 +485,11 @@ fn sinkhorn_kernels_match_the_cpu_codes() {
         )
         .unwrap();
         let sd = g.upload(&s).unwrap();
-        let q = sinkhorn::fused(&g, &sd, b, k, p).unwrap();
-        let e = rel_l2(&g.download(&q).unwrap(), want.data());
+        let q = sinkhorn_fused(&g, &sd, b, k, p, FUSED_THREADS).unwrap();
+        let e = rel_l2(&g.download(&q.codes).unwrap(), want.data());
         assert!(e < 1e-4, "fused B{b} K{k} it{it}: rel err {e}");
         if it > 0 {
-            let q = sinkhorn::per_iteration(&g, &sd, b, k, p).unwrap();
+            let q = sinkhorn_per_iteration(&g, &sd, b, k, p, b, THREADS, |_| Ok(())).unwrap();
             let e = rel_l2(&g.download(&q).unwrap(), want.data());
             assert!(e < 1e-4, "per-iteration B{b} K{k}: rel err {e}");
         }
@@ -499,7 +501,9 @@ fn softmax_ce_kernels_match_the_cpu_loss() {
     use sdengine::backend::cpu::loss::{
         cross_entropy_backward, cross_entropy_forward, CrossEntropyParams,
     };
-    use sdengine::backend::cuda::softmax_ce;
+    use sdengine::backend::device::softmax_ce::{
+        row_threads, softmax_ce_backward, softmax_ce_forward, softmax_ce_fused,
+    };
     let Some(g) = gpu("softmax_ce_kernels") else {
         return;
     };
@@ -523,24 +527,25 @@ fn softmax_ce_kernels_match_the_cpu_loss() {
         let (loss, ctx) = cross_entropy_forward(&zt, &tt, p).unwrap();
         let dz = cross_entropy_backward(0.5f32, &tt, &ctx).unwrap();
         let (zd, td) = (g.upload_bf16(&z).unwrap(), g.upload(&t).unwrap());
-        let f = softmax_ce::forward(&g, &zd, &td, b, k, p).unwrap();
+        let th = row_threads(k);
+        let f = softmax_ce_forward(&g, &zd, &td, b, k, p, th).unwrap();
         let got = g.download(&f.loss).unwrap();
         assert!(
             rel_l2(&got, &[loss]) < 1e-4,
             "B{b} K{k}: loss {got:?} vs {loss}"
         );
-        let dzd = softmax_ce::backward(&g, &zd, &td, &f, b, k, p, 0.5).unwrap();
+        let dzd = softmax_ce_backward(&g, &zd, &td, &f, b, k, p, 0.5, th).unwrap();
         let e = rel_l2(&g.download_bf16(&dzd).unwrap(), dz.data());
         assert!(e < 1e-2, "B{b} K{k}: dz rel err {e}");
-        let (l2, dz2) = softmax_ce::fused(&g, &zd, &td, b, k, p, 0.5).unwrap();
-        assert!(rel_l2(&g.download(&l2).unwrap(), &[loss]) < 1e-4);
-        let e = rel_l2(&g.download_bf16(&dz2).unwrap(), dz.data());
+        let fu = softmax_ce_fused(&g, &zd, &td, b, k, p, 0.5, th).unwrap();
+        assert!(rel_l2(&g.download(&fu.loss).unwrap(), &[loss]) < 1e-4);
+        let e = rel_l2(&g.download_bf16(&fu.dz).unwrap(), dz.data());
         assert!(e < 1e-2, "B{b} K{k}: fused dz rel err {e}");
     }
     // Mismatched sizes are refused before any launch.
     let zd = g.upload_bf16(&random("zz", 10)).unwrap();
     let td = g.upload(&random("tt", 12)).unwrap();
-    assert!(softmax_ce::forward(&g, &zd, &td, 2, 5, p).is_err());
+    assert!(softmax_ce_forward(&g, &zd, &td, 2, 5, p, 256).is_err());
 }
 
 #[test]

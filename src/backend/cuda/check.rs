@@ -56,7 +56,6 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     conv_rows(&mut c);
     jpeg_rows(&mut c);
     alloc_rows(&mut c);
-    super::families::check_rows(&mut c);
     kernel_rows(&mut c);
     let (bytes_per_ms, flops_per_ms) = (c.bytes_per_ms, c.flops_per_ms);
     let rows = c.into_rows();

@@ -11,8 +11,9 @@
 //! Where the files are: detection in `device.rs`; the [`Gpu`] context (stream, events, timing)
 //! in `context.rs`; the caching allocator and device buffers in `alloc.rs`; kernel loading and
 //! launching in `module.rs`; library wrappers in `cublaslt.rs`, `cudnn.rs`, `nvjpeg.rs`; the
-//! GPU check in `check.rs`; the own kernels' launches in `<family>.rs` (`sinkhorn.rs`,
-//! `softmax_ce.rs`), mirroring `kernels/<family>.cu` and `backend::cpu`.
+//! GPU check in `check.rs` (its rows for the own kernels are the device ops' rows,
+//! `backend::device::<family>::check_rows`); `exec.rs` makes the [`Gpu`] an
+//! `backend::device::Exec`, on which the own kernels' device ops run.
 
 pub mod alloc;
 pub mod check;
@@ -21,11 +22,8 @@ pub mod cublaslt;
 pub mod cudnn;
 pub mod device;
 pub mod exec;
-pub mod families;
 pub mod module;
 pub mod nvjpeg;
-pub mod sinkhorn;
-pub mod softmax_ce;
 
 pub use alloc::{AllocStats, DeviceBuffer};
 pub use check::{run_check, CheckOptions, CheckReport, CheckRow};

@@ -23,6 +23,13 @@
 //  * per-iteration (several ranks): sinkhorn_row_sums writes r_k (to be all-reduced between
 //    launches, e.g. by NCCL in place), sinkhorn_col_update turns the all-reduced r into v,
 //    sinkhorn_codes writes Q. Per iteration: row_sums -> all-reduce -> col_update; then codes.
+//  * sinkhorn_pass (the blocked path, for large B on one GPU and for every multi-rank run):
+//    the single block of sinkhorn_fused runs on one SM, which at B = 4096, K = 1000 (7 passes
+//    over 16 MB) is far from the GPU's bandwidth, and sinkhorn_row_sums has only K/T blocks.
+//    Here each block owns a chunk of rows, and one launch does a whole iteration in one pass
+//    over its rows: u from the (all-reduced) row sums, v_b for each of its rows, and the next
+//    iteration's row sums of E diag(v) -- or, in the last pass, the codes. iterations + 1
+//    launches in all (the first only sums E), with the all-reduce of r between them.
 // Row sums: one thread per prototype k, looping over samples (a warp reads 32 consecutive k
 // of one row: coalesced; the sum order over b is fixed, so results are deterministic).
 // Column sums: one warp per sample row (lanes stride k, then a warp shuffle reduction).
@@ -121,4 +128,66 @@ KERNEL void sinkhorn_codes(const float* __restrict__ S, const float* __restrict_
     if (i >= (unsigned)B * (unsigned)K) return;
     const int b = (int)(i / (unsigned)K), k = (int)(i % (unsigned)K);
     Q[i] = expf(S[i] * inv_eps) / ((float)K * r[k]) * v[b] * b_total;
+}
+
+// The blocked pass: one block per chunk of `rows_per_block` sample rows (grid
+// ceil(B / rows_per_block), block T, a multiple of 32; 256 and 32 rows on the GPU).
+//   r_in == nullptr: the first pass (v = 1): only r_out[k] = sum_b E[b,k].
+//   Q == nullptr:    a middle pass: u_k = 1/(K r_in[k]); v_b = 1/(b_total sum_k E[b,k] u_k)
+//                    for this block's rows; r_out[k] = sum_b E[b,k] v_b (the next row sums).
+//   Q != nullptr:    the last pass: u and v as a middle pass, then Q[b,k] = E[b,k] u_k v_b
+//                    b_total for this block's rows; r_out, partial and counter are not used.
+// v_out (may be null) receives v_b. Row sums are deterministic: each block sums its rows in
+// order into partial[blockIdx.x][k]; the last block to finish (counted in *counter, which
+// must be 0 at launch and is 0 again after it) adds the partials in block order into r_out.
+// Dynamic shared memory: (K + rows_per_block) floats.
+KERNEL void sinkhorn_pass(const float* __restrict__ S, const float* __restrict__ r_in,
+                          float* partial, unsigned int* counter, float* r_out,
+                          float* __restrict__ v_out, float* __restrict__ Q, int B, int K,
+                          float inv_eps, float b_total, int rows_per_block) {
+    DYN_SHARED(float, sh);
+    __shared__ int is_last;
+    float* u = sh;        // [K]
+    float* vs = sh + K;   // [rows_per_block]
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int warp = tid >> 5, lane = tid & 31, nwarps = nthreads >> 5;
+    const int b0 = blockIdx.x * rows_per_block;
+    const int b1 = min(B, b0 + rows_per_block);
+    if (r_in)
+        for (int k = tid; k < K; k += nthreads) u[k] = 1.f / ((float)K * r_in[k]);
+    __syncthreads();
+    for (int b = b0 + warp; b < b1; b += nwarps) {
+        float vb = 1.f;
+        if (r_in) vb = 1.f / (b_total * warp_row_dot(S + (size_t)b * K, u, nullptr, K, inv_eps));
+        if (lane == 0) {
+            vs[b - b0] = vb;
+            if (v_out) v_out[b] = vb;
+        }
+        if (Q) {
+            const float* Srow = S + (size_t)b * K;
+            float* Qrow = Q + (size_t)b * K;
+            const float scale = vb * b_total;
+            for (int k = lane; k < K; k += 32) Qrow[k] = expf(Srow[k] * inv_eps) * u[k] * scale;
+        }
+    }
+    if (Q) return;   // uniform over the block: the last pass writes codes only
+    __syncthreads();
+    for (int k = tid; k < K; k += nthreads) {
+        float acc = 0.f;
+        for (int b = b0; b < b1; ++b) acc += expf(S[(size_t)b * K + k] * inv_eps) * vs[b - b0];
+        partial[(size_t)blockIdx.x * K + k] = acc;
+    }
+    __threadfence();   // this block's partials are visible before it is counted
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y * gridDim.z - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const volatile float* part = partial;   // written by other blocks: read past L1
+    for (int k = tid; k < K; k += nthreads) {
+        float acc = 0.f;
+        for (unsigned p = 0; p < gridDim.x; ++p) acc += part[(size_t)p * K + k];
+        r_out[k] = acc;
+    }
+    if (tid == 0) *counter = 0u;
 }

@@ -260,3 +260,106 @@ fn nan_scores_give_nan_codes_and_bad_arguments_are_errors() {
     .unwrap();
     assert!(e.to_string().contains("peer gone"), "{e}");
 }
+
+/// The blocked passes (`sinkhorn_pass`, the large-B and multi-rank path) against the reference:
+/// partial last blocks (37 rows in blocks of 8 and 16), K not a multiple of the block, 1 to 5
+/// iterations, both modes; the result is deterministic (bit-identical when run again), and the
+/// block counter is reset between passes (else a pass's row sums stay poisoned and NaN shows).
+#[test]
+fn blocked_passes_match_reference_and_are_deterministic() {
+    use sdengine::backend::device::sinkhorn::sinkhorn_blocked;
+    for (mode, b, k, rows, threads, iters) in [
+        (Mode::Fibers, 37, 1000, 8, 128, 3),
+        (Mode::Threads, 37, 129, 16, 64, 1),
+        (Mode::Fibers, 300, 257, 32, 96, 5),
+        (Mode::Threads, 5, 33, 32, 32, 2),
+    ] {
+        let ex = Emu::new(mode);
+        let s = scores(20 + b as u64, b, k);
+        let p = params(0.05, iters);
+        let want = sinkhorn(&s, p, &SingleProcess).unwrap();
+        let sd = up(&ex, s.data());
+        let mut reduces = 0;
+        let q = sinkhorn_blocked(&ex, &sd, b, k, p, b, rows, threads, |_| {
+            reduces += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            reduces, iters,
+            "one all-reduce of the row sums per iteration"
+        );
+        let got = down(&ex, &q);
+        let e = rel_l2(&got, want.data());
+        eprintln!("sinkhorn_blocked B{b} K{k} rows {rows} it{iters} {mode:?}: rel_l2 {e:.2e}");
+        assert!(e <= TOL, "B{b} K{k}: rel_l2 {e:.3e}");
+        for row in got.chunks_exact(k) {
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "a row of codes sums to {sum}");
+        }
+        let again = sinkhorn_blocked(&ex, &sd, b, k, p, b, rows, threads, |_| Ok(())).unwrap();
+        assert_eq!(
+            down(&ex, &again),
+            got,
+            "blocked passes must be deterministic"
+        );
+    }
+}
+
+/// Two ranks through the blocked passes with a real all-reduce between them equal the
+/// two-rank reference (`methods::sinkhorn` over a LocalGroup).
+#[test]
+fn blocked_passes_over_two_ranks_match_reference() {
+    use sdengine::backend::device::sinkhorn::sinkhorn_blocked;
+    let (b, k, world) = (23, 300, 2);
+    let parts: Vec<Tensor<f32>> = (0..world).map(|r| scores(30 + r as u64, b, k)).collect();
+    let want = two_rank_reference(&parts);
+    let ranks = LocalGroup::new(world).unwrap();
+    let got: Vec<Vec<f32>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ranks
+            .iter()
+            .zip(&parts)
+            .map(|(comm, s)| {
+                sc.spawn(move || {
+                    let ex = Emu::new(Mode::Fibers);
+                    let sd = up(&ex, s.data());
+                    let p = SinkhornParams::default();
+                    let q = sinkhorn_blocked(&ex, &sd, b, k, p, b * world, 8, 64, |r| {
+                        let mut h = ex.download(r)?;
+                        comm.all_reduce_sum_f32(&mut h)?;
+                        ex.upload_into(&h, r)
+                    })
+                    .unwrap();
+                    down(&ex, &q)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
+        let e = rel_l2(g, w.data());
+        eprintln!("sinkhorn_blocked rank {rank}: rel_l2 {e:.2e}");
+        assert!(e <= TOL, "rank {rank}: rel_l2 {e:.3e}");
+    }
+}
+
+#[test]
+fn blocked_passes_refuse_bad_arguments() {
+    use sdengine::backend::device::sinkhorn::sinkhorn_blocked;
+    let ex = Emu::new(Mode::Fibers);
+    let s = scores(1, 4, 10);
+    let sd = up(&ex, s.data());
+    let p = SinkhornParams::default();
+    let none = |_: &mut HostBuf<f32>| Ok(());
+    let e = sinkhorn_blocked(&ex, &sd, 4, 10, params(0.05, 0), 4, 2, 32, none).unwrap_err();
+    assert!(e.to_string().contains("0 iterations"), "{e}");
+    let e = sinkhorn_blocked(&ex, &sd, 4, 10, p, 4, 0, 32, none).unwrap_err();
+    assert!(e.to_string().contains("rows_per_block"), "{e}");
+    let e = sinkhorn_blocked(&ex, &sd, 4, 10, p, 3, 2, 32, none).unwrap_err();
+    assert!(e.to_string().contains("b_total"), "{e}");
+    let e = sinkhorn_blocked(&ex, &sd, 5, 10, p, 5, 2, 32, none).unwrap_err();
+    assert!(e.to_string().contains("scores"), "{e}");
+    let big = ex.zeros::<f32>(70_000).unwrap();
+    let e = sinkhorn_blocked(&ex, &big, 1, 70_000, p, 1, 1, 32, none).unwrap_err();
+    assert!(e.to_string().contains("shared memory"), "{e}");
+}

@@ -306,6 +306,18 @@ impl<T: Elem> HostBuf<T> {
     }
 }
 
+impl<T> std::fmt::Debug for HostBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HostBuf<{}>[{}] at {:p}",
+            std::any::type_name::<T>(),
+            self.len,
+            self.ptr
+        )
+    }
+}
+
 impl<T> Drop for HostBuf<T> {
     fn drop(&mut self) {
         // SAFETY: ptr and len came from Box::into_raw of a Box<[T]> of len elements.

@@ -5,6 +5,10 @@
 //! Two paths, as the kernel file explains:
 //! * [`sinkhorn_fused`] (`sinkhorn_fused`): every iteration in one single-block launch, for one
 //!   GPU; it also handles 0 iterations (the global normalisation only).
+//! * [`sinkhorn_blocked`] (`sinkhorn_pass`): one pass over the scores per iteration (plus one),
+//!   spread over blocks of [`PASS_ROWS`] rows, with a caller-given all-reduce of the row sums
+//!   between passes: the fast path for large B on one GPU (the single fused block runs on one
+//!   SM) and the multi-rank path.
 //! * the per-iteration kernels for several ranks: [`sinkhorn_row_sums`] (`sinkhorn_row_sums`,
 //!   whose output is all-reduced between launches), [`sinkhorn_col_update`]
 //!   (`sinkhorn_col_update`) and, after the last iteration, [`sinkhorn_codes`]
@@ -282,6 +286,100 @@ where
     }
 }
 
+/// Sample rows per block of [`sinkhorn_blocked`] on the GPU: B = 4096 gives 128 blocks, about
+/// one per SM of an H200.
+pub const PASS_ROWS: usize = 32;
+
+/// The codes through the blocked passes (`sinkhorn_pass`): `iterations + 1` launches, each one
+/// pass over this rank's scores spread over `ceil(b / rows_per_block)` blocks, with
+/// `all_reduce` (in place, over the ranks; nothing on one process) applied to the row sums
+/// between passes. The fast path for large `b` on one GPU, and the multi-rank path. `b_total`
+/// is the number of samples over all ranks. At least one iteration (the 0-iteration case is
+/// [`sinkhorn_fused`]'s).
+#[allow(clippy::too_many_arguments)]
+pub fn sinkhorn_blocked<E, R>(
+    ex: &E,
+    scores: &E::Buf<f32>,
+    b: usize,
+    k: usize,
+    p: SinkhornParams,
+    b_total: usize,
+    rows_per_block: usize,
+    threads: u32,
+    mut all_reduce: R,
+) -> Result<E::Buf<f32>>
+where
+    E: Exec,
+    R: FnMut(&mut E::Buf<f32>) -> Result<()>,
+{
+    const OP: &str = "sinkhorn_blocked";
+    if p.iterations == 0 {
+        return Err(Error::invalid(
+            OP,
+            "0 iterations: use sinkhorn_fused (it does the global normalisation)",
+        ));
+    }
+    let (bi, ki, inv_eps) = prepare::<E>(OP, scores, b, k, p.epsilon, threads)?;
+    let bt = total_rows(OP, b, b_total)?;
+    if rows_per_block == 0 {
+        return Err(Error::invalid(OP, "rows_per_block must be at least 1"));
+    }
+    let rpb = as_i32(OP, "rows_per_block", rows_per_block.min(b))?;
+    let blocks = b.div_ceil(rows_per_block.min(b));
+    // u [K] and v of the block's rows in shared memory: at most what a Hopper block can have.
+    let shared_bytes = 4 * (k + rows_per_block.min(b));
+    if shared_bytes > 227 * 1024 {
+        return Err(Error::invalid(
+            OP,
+            format!("K = {k}: {shared_bytes} bytes of shared memory per block exceed 227 KiB"),
+        ));
+    }
+    let cfg = LaunchConfig::linear(as_i32(OP, "blocks", blocks)? as u32, threads, shared_bytes);
+    let partial = ex.alloc::<f32>(blocks * k)?;
+    let counter = ex.zeros::<u32>(1)?;
+    let mut r = ex.alloc::<f32>(k)?;
+    let mut r_next = ex.alloc::<f32>(k)?;
+    let q = ex.alloc::<f32>(b * k)?;
+    let null = KArg::Ptr(0);
+    for pass in 0..=p.iterations {
+        let first = pass == 0;
+        let last = pass == p.iterations;
+        let (r_in, r_out) = if first {
+            (null, r.arg())
+        } else if last {
+            (r.arg(), null)
+        } else {
+            (r.arg(), r_next.arg())
+        };
+        let args = [
+            scores.arg(),
+            r_in,
+            partial.arg(),
+            counter.arg(),
+            r_out,
+            null,
+            if last { q.arg() } else { null },
+            KArg::I32(bi),
+            KArg::I32(ki),
+            KArg::F32(inv_eps),
+            KArg::F32(bt),
+            KArg::I32(rpb),
+        ];
+        // SAFETY: (const float* S, const float* r_in or null, float* partial [blocks·K],
+        // unsigned* counter (zeroed, left zeroed), float* r_out [K] or null, float* v_out
+        // (null), float* Q [B·K] or null, int, int, float, float, int) as the kernel declares;
+        // lengths checked above; (K + rows) floats of dynamic shared memory.
+        unsafe { ex.launch(MODULE, "sinkhorn_pass", cfg, &args)? };
+        if first {
+            all_reduce(&mut r)?;
+        } else if !last {
+            all_reduce(&mut r_next)?;
+            std::mem::swap(&mut r, &mut r_next);
+        }
+    }
+    Ok(q)
+}
+
 /// `exp(S/ε)` in f64 on the host (the per-step references).
 fn exp_scores(s: &[f32], epsilon: f64) -> Vec<f64> {
     s.iter().map(|&x| (x as f64 / epsilon).exp()).collect()
@@ -352,6 +450,27 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
                 let want = want().map_err(err)?;
                 let sd = c.dev.upload(&s)?;
                 let run = || sinkhorn_per_iteration(c.dev, &sd, b, k, p, b, THREADS, |_| Ok(()));
+                let got = c.dev.download(&run()?)?;
+                let t = c.time(|| run().map(drop))?;
+                Ok(Measured {
+                    err: Some((rel_l2(&got, want.data()), TOL_F32)),
+                    time: Some(t),
+                    bytes: 8.0 * bk,
+                    note: aim.into(),
+                    ..Default::default()
+                })
+            },
+        );
+        c.row(
+            "sinkhorn",
+            &format!("sinkhorn_blocked_b{b}_k{k}"),
+            shape.clone(),
+            json!({"kind": "sinkhorn", "b": b, "k": k, "iters": p.iterations}),
+            |c| {
+                let want = want().map_err(err)?;
+                let sd = c.dev.upload(&s)?;
+                let run =
+                    || sinkhorn_blocked(c.dev, &sd, b, k, p, b, PASS_ROWS, THREADS, |_| Ok(()));
                 let got = c.dev.download(&run()?)?;
                 let t = c.time(|| run().map(drop))?;
                 Ok(Measured {

@@ -420,68 +420,40 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
         let shape = format!("B{b} K{k} it{}", p.iterations);
         let torch = json!({"kind": "sinkhorn", "b": b, "k": k, "iters": p.iterations});
         let aim = "aim: >= 5x the official PyTorch function (torch/eng column)";
-        c.row(
-            "sinkhorn",
-            &format!("sinkhorn_fused_b{b}_k{k}"),
-            shape.clone(),
-            torch.clone(),
-            |c| {
-                let want = want().map_err(err)?;
-                let sd = c.dev.upload(&s)?;
-                let run = || sinkhorn_fused(c.dev, &sd, b, k, p, FUSED_THREADS);
-                let got = c.dev.download(&run()?.codes)?;
-                let t = c.time(|| run().map(drop))?;
-                Ok(Measured {
-                    err: Some((rel_l2(&got, want.data()), TOL_F32)),
-                    time: Some(t),
-                    // Reads S, writes Q (the scaling vectors are negligible).
-                    bytes: 8.0 * bk,
-                    note: aim.into(),
-                    ..Default::default()
-                })
-            },
-        );
-        c.row(
-            "sinkhorn",
-            &format!("sinkhorn_per_iter_b{b}_k{k}"),
-            shape.clone(),
-            torch,
-            |c| {
-                let want = want().map_err(err)?;
-                let sd = c.dev.upload(&s)?;
-                let run = || sinkhorn_per_iteration(c.dev, &sd, b, k, p, b, THREADS, |_| Ok(()));
-                let got = c.dev.download(&run()?)?;
-                let t = c.time(|| run().map(drop))?;
-                Ok(Measured {
-                    err: Some((rel_l2(&got, want.data()), TOL_F32)),
-                    time: Some(t),
-                    bytes: 8.0 * bk,
-                    note: aim.into(),
-                    ..Default::default()
-                })
-            },
-        );
-        c.row(
-            "sinkhorn",
-            &format!("sinkhorn_blocked_b{b}_k{k}"),
-            shape.clone(),
-            json!({"kind": "sinkhorn", "b": b, "k": k, "iters": p.iterations}),
-            |c| {
-                let want = want().map_err(err)?;
-                let sd = c.dev.upload(&s)?;
-                let run =
-                    || sinkhorn_blocked(c.dev, &sd, b, k, p, b, PASS_ROWS, THREADS, |_| Ok(()));
-                let got = c.dev.download(&run()?)?;
-                let t = c.time(|| run().map(drop))?;
-                Ok(Measured {
-                    err: Some((rel_l2(&got, want.data()), TOL_F32)),
-                    time: Some(t),
-                    bytes: 8.0 * bk,
-                    note: aim.into(),
-                    ..Default::default()
-                })
-            },
-        );
+        // The three whole paths, each against the reference; the aim row is the fastest of them.
+        for path in ["fused", "per_iter", "blocked"] {
+            c.row(
+                "sinkhorn",
+                &format!("sinkhorn_{path}_b{b}_k{k}"),
+                shape.clone(),
+                torch.clone(),
+                |c| {
+                    let want = want().map_err(err)?;
+                    let sd = c.dev.upload(&s)?;
+                    let run = || match path {
+                        "fused" => {
+                            sinkhorn_fused(c.dev, &sd, b, k, p, FUSED_THREADS).map(|o| o.codes)
+                        }
+                        "per_iter" => {
+                            sinkhorn_per_iteration(c.dev, &sd, b, k, p, b, THREADS, |_| Ok(()))
+                        }
+                        _ => {
+                            sinkhorn_blocked(c.dev, &sd, b, k, p, b, PASS_ROWS, THREADS, |_| Ok(()))
+                        }
+                    };
+                    let got = c.dev.download(&run()?)?;
+                    let t = c.time(|| run().map(drop))?;
+                    Ok(Measured {
+                        err: Some((rel_l2(&got, want.data()), TOL_F32)),
+                        time: Some(t),
+                        // Reads S, writes Q (the scaling vectors are negligible).
+                        bytes: 8.0 * bk,
+                        note: aim.into(),
+                        ..Default::default()
+                    })
+                },
+            );
+        }
         // The per-iteration kernels one by one, on scalings like a middle iteration's.
         let eps = p.epsilon;
         let v = scaling(&format!("sk.v.{b}.{k}"), b, 1.0 / b as f64);

@@ -25,7 +25,7 @@ pub mod tcp;
 
 use crate::error::{Error, Result};
 use half::bf16;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// How an all-reduce combines the ranks' buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,8 +337,82 @@ type Slot = (Option<Kind>, Vec<f64>);
 
 /// State shared by the ranks of a [`LocalGroup`]: one slot per rank and a barrier.
 struct Shared {
-    barrier: Barrier,
+    barrier: GroupBarrier,
     slots: Mutex<Vec<Slot>>,
+}
+
+/// A barrier that a rank leaving the group breaks: `std::sync::Barrier` would leave the other
+/// ranks waiting forever when one rank's thread returns an error or panics before a collective
+/// the others are in; here the waiting ranks wake with an error naming the rank that left.
+struct GroupBarrier {
+    world: usize,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    /// The first rank that left the group (dropped its `LocalGroup`).
+    left: Option<usize>,
+}
+
+impl GroupBarrier {
+    fn new(world: usize) -> Self {
+        GroupBarrier {
+            world,
+            state: Mutex::new(BarrierState {
+                arrived: 0,
+                generation: 0,
+                left: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn broken(rank: usize, left: usize) -> Error {
+        Error::invalid(
+            "LocalGroup",
+            format!(
+                "rank {left} left the group (its thread ended or failed) while rank {rank} was in a collective"
+            ),
+        )
+    }
+
+    /// Waits until every rank arrived; errors as soon as a rank has left the group.
+    fn wait(&self, rank: usize) -> Result<()> {
+        let poisoned =
+            |_| Error::invalid("LocalGroup", "another rank panicked during a collective");
+        let mut st = self.state.lock().map_err(poisoned)?;
+        if let Some(l) = st.left {
+            return Err(Self::broken(rank, l));
+        }
+        st.arrived += 1;
+        if st.arrived == self.world {
+            st.arrived = 0;
+            st.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let gen = st.generation;
+        while st.generation == gen {
+            if let Some(l) = st.left {
+                return Err(Self::broken(rank, l));
+            }
+            st = self.cv.wait(st).map_err(poisoned)?;
+        }
+        Ok(())
+    }
+
+    /// Marks `rank` as gone and wakes every waiting rank.
+    fn leave(&self, rank: usize) {
+        let mut st = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        st.left.get_or_insert(rank);
+        self.cv.notify_all();
+    }
 }
 
 /// One rank of an in-process group: N ranks run on N threads and reduce through shared memory.
@@ -363,7 +437,7 @@ impl LocalGroup {
             ));
         }
         let shared = Arc::new(Shared {
-            barrier: Barrier::new(world),
+            barrier: GroupBarrier::new(world),
             slots: Mutex::new(vec![(None, Vec::new()); world]),
         });
         Ok((0..world)
@@ -387,9 +461,9 @@ impl LocalGroup {
     /// all fail, and all pass the second barrier either way.
     fn collective(&self, kind: Kind, vals: Vec<f64>) -> Result<Vec<f64>> {
         self.lock()?[self.rank] = (Some(kind), vals);
-        self.shared.barrier.wait();
+        self.shared.barrier.wait(self.rank)?;
         let out = self.lock().and_then(|slots| self.compute(kind, &slots));
-        self.shared.barrier.wait();
+        self.shared.barrier.wait(self.rank)?;
         out
     }
 
@@ -436,6 +510,14 @@ impl LocalGroup {
     }
 }
 
+impl Drop for LocalGroup {
+    /// A rank that goes away (its thread finished or failed) breaks the group: ranks waiting in
+    /// a collective, or entering one later, get an error instead of waiting forever.
+    fn drop(&mut self) {
+        self.shared.barrier.leave(self.rank);
+    }
+}
+
 impl Communicator for LocalGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -471,8 +553,7 @@ impl Communicator for LocalGroup {
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
-        self.shared.barrier.wait();
-        Ok(())
+        self.shared.barrier.wait(self.rank)
     }
 }
 
@@ -488,6 +569,34 @@ mod tests {
             let hs: Vec<_> = ranks.iter().map(|g| s.spawn(|| f(g))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn a_rank_that_leaves_breaks_the_group_instead_of_hanging_it() {
+        let ranks = LocalGroup::new(3).unwrap();
+        let errs: Vec<Option<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = ranks
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        let mut v = vec![g.rank() as f32];
+                        // Every rank takes part in the first collective.
+                        g.all_reduce_sum_f32(&mut v).unwrap();
+                        assert_eq!(v, [3.0]);
+                        if g.rank() == 1 {
+                            return None; // fails before the second: its group is dropped
+                        }
+                        g.all_reduce_sum_f32(&mut v).err().map(|e| e.to_string())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(errs[1].is_none());
+        for r in [0, 2] {
+            let e = errs[r].as_deref().unwrap_or("no error");
+            assert!(e.contains("rank 1 left the group"), "rank {r}: {e}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the GPU ops: cuBLASLt GEMMs (ViT-S/16 linear layers), cuDNN
-//! convolutions (ResNet-50 shapes, forward and both backward passes) and the runtime's own
-//! kernel. Times are taken with CUDA events around `iters` back-to-back launches (host clocks
+//! convolutions (ResNet-50 shapes, forward and both backward passes), the runtime's own
+//! kernel, and the engine's own kernels through their device ops (the Sinkhorn paths at the
+//! aim's K = 1000, B = 4096, the fused softmax-CE over Suave's scores, ViT-S's layer norm). Times are taken with CUDA events around `iters` back-to-back launches (host clocks
 //! would measure the enqueue, not the work). Without a GPU every benchmark prints
 //! `SKIP: no GPU` and does nothing. The one-command GPU check (`scripts/device-check.sh`)
 //! reports the same ops against the machine's ceilings and PyTorch; these are for iterating on
@@ -169,7 +170,66 @@ fn bench_gpu(c: &mut Criterion) {
             })
         });
     }
+    own_kernels(&g, &mut grp);
     grp.finish();
+}
+
+/// The own kernels through `backend::device` (the same calls the GPU check times).
+fn own_kernels(g: &Gpu, grp: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    use sdengine::backend::cpu::loss::CrossEntropyParams;
+    use sdengine::backend::device::{norm, sinkhorn as sk, softmax_ce as ce};
+    use sdengine::methods::sinkhorn::SinkhornParams;
+    let (b, k) = (4096, 1000);
+    let p = SinkhornParams::default();
+    let s = g.upload(&random("bench.sk", b * k)).expect("upload");
+    grp.bench_function("sinkhorn_fused_b4096_k1000", |bch| {
+        bch.iter_custom(|iters| {
+            device_time(g, iters, || {
+                sk::sinkhorn_fused(g, &s, b, k, p, sk::FUSED_THREADS).expect("sinkhorn_fused");
+            })
+        })
+    });
+    grp.bench_function("sinkhorn_blocked_b4096_k1000", |bch| {
+        bch.iter_custom(|iters| {
+            device_time(g, iters, || {
+                sk::sinkhorn_blocked(g, &s, b, k, p, b, sk::PASS_ROWS, sk::THREADS, |_| Ok(()))
+                    .expect("sinkhorn_blocked");
+            })
+        })
+    });
+    let (rows, classes) = (4096, 3000);
+    let z = g
+        .upload_bf16(&random("bench.ce.z", rows * classes))
+        .expect("upload");
+    let t = g
+        .upload(&vec![1.0 / classes as f32; rows * classes])
+        .expect("upload");
+    let cp = CrossEntropyParams {
+        temperature: 0.1,
+        label_smoothing: 0.1,
+    };
+    grp.bench_function("softmax_ce_fused_b4096_k3000", |bch| {
+        bch.iter_custom(|iters| {
+            device_time(g, iters, || {
+                ce::softmax_ce_fused(g, &z, &t, rows, classes, cp, 1.0, ce::row_threads(classes))
+                    .expect("softmax_ce_fused");
+            })
+        })
+    });
+    let (r, d) = (64 * 197, 384);
+    let x = g.upload_bf16(&random("bench.ln.x", r * d)).expect("upload");
+    let (gm, bt) = (
+        g.upload(&vec![1.0f32; d]).expect("upload"),
+        g.upload(&vec![0.0f32; d]).expect("upload"),
+    );
+    grp.bench_function("layernorm_fwd_vit_s_b64", |bch| {
+        bch.iter_custom(|iters| {
+            device_time(g, iters, || {
+                norm::layernorm_forward(g, &x, &gm, &bt, r, d, 1e-6, norm::THREADS)
+                    .expect("layernorm_forward");
+            })
+        })
+    });
 }
 
 criterion_group!(benches, bench_gpu);

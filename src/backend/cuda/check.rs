@@ -2,29 +2,29 @@
 //! against the floor set by the machine's own ceilings, in one run of a few minutes.
 //!
 //! Ceilings are measured first, on the device itself (as the project's method asks): a large
-//! device-to-device copy (bytes read + written per second) and a large bf16 GEMM through the
-//! engine's cuBLASLt wrapper (FLOP/s). An op's floor is `max(bytes / copy rate, flops / GEMM
+//! device-to-device copy (bytes read + written per second) and a large bf16 GEMM through
+//! `Exec::gemm` (cuBLASLt; FLOP/s). An op's floor is `max(bytes / copy rate, flops / GEMM
 //! rate)`, with bytes counted as each input read once and each output written once; the table
 //! gives the op's median time (CUDA events, after warm-up) and the floor as a percentage of it.
 //!
-//! The rows here are the GPU-only ones (ceilings, the runtime's own kernel, cuBLASLt, cuDNN,
-//! nvJPEG, the allocator); the engine's own kernels are checked by the device ops' rows
-//! ([`kernel_rows`]), which also run on the CPU emulation. Correctness rules, the row runner
-//! and the report are in `backend::device::check`.
+//! The rows here are the GPU-only ones (ceilings, the runtime's own kernel, nvJPEG, the
+//! allocator); the GEMM and convolution rows are `backend::device::blas::check_rows` (cuBLASLt
+//! and cuDNN reached through `Exec::gemm`, `Exec::conv_forward`, ...: the very path the device
+//! model takes), and the engine's own kernels are checked by the device ops' rows
+//! ([`kernel_rows`]); both are generic over `Exec`, so they also run on the CPU emulation.
+//! Correctness rules, the row runner and the report are in `backend::device::check`.
 
 use super::alloc::AllocStats;
 use super::context::Gpu;
-use super::cublaslt::{Epilogue, Gemm};
-use super::cudnn::ConvShape;
 use super::device::{gpu_available, probe};
 use super::module::LaunchDims;
-use crate::backend::cpu;
+use crate::backend::device::blas::{self, Epilogue, Gemm};
 pub use crate::backend::device::check::{
     finish, kernel_rows, random, round_bf16, CheckOptions, CheckReport, CheckRow, Checker,
     Measured, TOL_BF16, TOL_F32,
 };
+use crate::backend::device::Exec;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
 use crate::testing::rel_l2;
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -52,8 +52,7 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     let mut c = Checker::new(&gpu, opts);
     ceilings(&mut c);
     runtime_rows(&mut c);
-    gemm_rows(&mut c);
-    conv_rows(&mut c);
+    blas::check_rows(&mut c);
     jpeg_rows(&mut c);
     alloc_rows(&mut c);
     kernel_rows(&mut c);
@@ -131,8 +130,7 @@ fn ceilings(c: &mut Checker<'_, Gpu>) {
                 epilogue: Epilogue::None,
                 accumulate: false,
             };
-            let lt = c.dev.lt()?;
-            let t = c.time(|| lt.matmul(&g, &a, &b, None, &mut y))?;
+            let t = c.time(|| c.dev.gemm(&g, &a, &b, None, &mut y))?;
             rate = g.flops() / t.median_ms;
             Ok(Measured {
                 time: Some(t),
@@ -187,318 +185,6 @@ fn runtime_rows(c: &mut Checker<'_, Gpu>) {
                 bytes: 12.0 * n as f64,
                 ..Default::default()
             })
-        },
-    );
-}
-
-/// A GEMM row: random bf16 operands, the CPU's `matmul` on the same rounded values.
-fn gemm_row(c: &mut Checker<'_, Gpu>, id: &str, g: Gemm, f32_out: bool) {
-    let shape = format!(
-        "{}x{}x{}{}{}",
-        g.m,
-        g.n,
-        g.k,
-        if g.trans_a { " Aᵀ" } else { "" },
-        if g.trans_b { " Bᵀ" } else { "" }
-    );
-    let torch = json!({
-        "kind": "matmul", "m": g.m, "n": g.n, "k": g.k, "trans_a": g.trans_a, "trans_b": g.trans_b,
-        "out": if f32_out { "f32" } else { "bf16" },
-        "bias": matches!(g.epilogue, Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu),
-        "gelu": matches!(g.epilogue, Epilogue::BiasGelu | Epilogue::Gelu),
-        "relu": matches!(g.epilogue, Epilogue::BiasRelu),
-    });
-    c.row("gemm", id, shape, torch, |c| {
-        let a = round_bf16(&random(&format!("{id}.a"), g.m * g.k));
-        let b = round_bf16(&random(&format!("{id}.b"), g.k * g.n));
-        let bias = round_bf16(&random(&format!("{id}.bias"), g.n));
-        let has_bias = matches!(
-            g.epilogue,
-            Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu
-        );
-        // CPU reference.
-        let mut want = vec![0f32; g.m * g.n];
-        if has_bias {
-            for row in want.chunks_exact_mut(g.n) {
-                row.copy_from_slice(&bias);
-            }
-        }
-        cpu::matmul::matmul(
-            g.m, g.n, g.k, &a, g.trans_a, &b, g.trans_b, &mut want, has_bias,
-        );
-        let want = match g.epilogue {
-            Epilogue::BiasGelu | Epilogue::Gelu => {
-                cpu::elementwise::gelu_forward(&Tensor::from_vec(want, &[g.m, g.n])?)?.into_vec()
-            }
-            Epilogue::BiasRelu => want.into_iter().map(|v| v.max(0.0)).collect(),
-            _ => want,
-        };
-        let (ad, bd) = (c.dev.upload_bf16(&a)?, c.dev.upload_bf16(&b)?);
-        let biasd = c.dev.upload_bf16(&bias)?;
-        let lt = c.dev.lt()?;
-        let bias_arg = has_bias.then_some(&biasd);
-        let (got, t, out_bytes) = if f32_out {
-            let mut y = c.dev.alloc::<f32>(g.m * g.n)?;
-            lt.matmul_f32_out(&g, &ad, &bd, &mut y)?;
-            let got = c.dev.download(&y)?;
-            let t = c.time(|| lt.matmul_f32_out(&g, &ad, &bd, &mut y))?;
-            (got, t, 4.0)
-        } else {
-            let mut y = c.dev.alloc::<bf16>(g.m * g.n)?;
-            lt.matmul(&g, &ad, &bd, bias_arg, &mut y)?;
-            let got = c.dev.download_bf16(&y)?;
-            let t = c.time(|| lt.matmul(&g, &ad, &bd, bias_arg, &mut y))?;
-            (got, t, 2.0)
-        };
-        let tol = if f32_out { 1e-3 } else { TOL_BF16 };
-        Ok(Measured {
-            err: Some((rel_l2(&got, &want), tol)),
-            time: Some(t),
-            flops: g.flops(),
-            bytes: 2.0 * (g.m * g.k + g.k * g.n) as f64 + out_bytes * (g.m * g.n) as f64,
-            note: format!("{:.0} TFLOP/s", g.flops() / t.median_ms / 1e9),
-            ..Default::default()
-        })
-    });
-}
-
-/// ViT-S/16 linear layers (forward with fused epilogues, both backward products) and a head.
-fn gemm_rows(c: &mut Checker<'_, Gpu>) {
-    let rows = if c.opts.quick { 394 } else { 64 * 197 };
-    let (d, h) = (384, 1536);
-    gemm_row(
-        c,
-        "linear_fc1_bias_gelu",
-        Gemm::linear(rows, d, h, Epilogue::BiasGelu),
-        false,
-    );
-    gemm_row(
-        c,
-        "linear_fc2_bias",
-        Gemm::linear(rows, h, d, Epilogue::Bias),
-        false,
-    );
-    gemm_row(
-        c,
-        "linear_qkv_plain",
-        Gemm::linear(rows, d, 3 * d, Epilogue::None),
-        false,
-    );
-    // Backward of fc1: dx = dy[rows, h] · w[h, d]; dw = dy[rows, h]ᵀ · x[rows, d] (fp32 out).
-    let dx = Gemm {
-        m: rows,
-        n: d,
-        k: h,
-        trans_a: false,
-        trans_b: false,
-        epilogue: Epilogue::None,
-        accumulate: false,
-    };
-    gemm_row(c, "linear_fc1_dx", dx, false);
-    let dw = Gemm {
-        m: h,
-        n: d,
-        k: rows,
-        trans_a: true,
-        trans_b: false,
-        epilogue: Epilogue::None,
-        accumulate: false,
-    };
-    gemm_row(c, "linear_fc1_dw_f32", dw, true);
-    let b = if c.opts.quick { 64 } else { 512 };
-    gemm_row(
-        c,
-        "head_relu",
-        Gemm::linear(b, 2048, 2048, Epilogue::BiasRelu),
-        false,
-    );
-}
-
-/// One convolution shape: forward, backward-data and backward-filter against the CPU backend.
-fn conv_case(c: &mut Checker<'_, Gpu>, name: &str, s: ConvShape) {
-    let (oh, ow) = match s.out_hw() {
-        Ok(v) => v,
-        Err(_) => return,
-    };
-    let shape = format!(
-        "n{} {}x{}x{}->{} k{} s{} p{}",
-        s.n, s.h, s.w, s.c, s.o, s.kh, s.stride, s.pad
-    );
-    let torch = |dir: &str| {
-        json!({"kind": "conv", "dir": dir, "n": s.n, "h": s.h, "w": s.w, "c": s.c, "o": s.o,
-               "k": s.kh, "stride": s.stride, "pad": s.pad})
-    };
-    let p = cpu::conv::Conv2dParams {
-        stride: s.stride,
-        padding: s.pad,
-    };
-    let x = round_bf16(&random(&format!("{name}.x"), s.x_len()));
-    let w = round_bf16(&random(&format!("{name}.w"), s.w_len()));
-    let dy = round_bf16(&random(&format!("{name}.dy"), s.y_len()));
-    let xt = Tensor::from_vec(x.clone(), &[s.n, s.h, s.w, s.c]);
-    let wt = Tensor::from_vec(w.clone(), &[s.o, s.kh, s.kw, s.c]);
-    let dyt = Tensor::from_vec(dy.clone(), &[s.n, oh, ow, s.o]);
-    let elems = |a: usize, b: usize, o: usize| 2.0 * (a + b + o) as f64;
-    c.row(
-        "conv",
-        &format!("{name}_fwd"),
-        shape.clone(),
-        torch("fwd"),
-        |c| {
-            let want = cpu::conv::conv2d_forward(
-                xt.as_ref().map_err(clone_err)?,
-                wt.as_ref().map_err(clone_err)?,
-                None,
-                p,
-            )?;
-            let (xd, wd) = (c.dev.upload_bf16(&x)?, c.dev.upload_bf16(&w)?);
-            let mut yd = c.dev.alloc::<bf16>(s.y_len())?;
-            let dnn = c.dev.dnn()?;
-            dnn.conv2d_forward(c.dev.pool(), &s, &xd, &wd, &mut yd)?;
-            let got = c.dev.download_bf16(&yd)?;
-            let t = c.time(|| dnn.conv2d_forward(c.dev.pool(), &s, &xd, &wd, &mut yd))?;
-            Ok(Measured {
-                err: Some((rel_l2(&got, want.data()), TOL_BF16)),
-                time: Some(t),
-                flops: s.flops(),
-                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-                ..Default::default()
-            })
-        },
-    );
-    let grads = || {
-        cpu::conv::conv2d_backward(
-            xt.as_ref().map_err(clone_err)?,
-            wt.as_ref().map_err(clone_err)?,
-            dyt.as_ref().map_err(clone_err)?,
-            p,
-            true,
-            false,
-        )
-    };
-    let grads = grads();
-    let grads = grads.as_ref();
-    c.row(
-        "conv",
-        &format!("{name}_dgrad"),
-        shape.clone(),
-        torch("bwd_data"),
-        |c| {
-            let g = grads.map_err(clone_err)?;
-            let want =
-                g.dx.as_ref()
-                    .ok_or_else(|| Error::invalid("device-check", "CPU conv returned no dx"))?;
-            let (wd, dyd) = (c.dev.upload_bf16(&w)?, c.dev.upload_bf16(&dy)?);
-            let mut dxd = c.dev.alloc::<bf16>(s.x_len())?;
-            let dnn = c.dev.dnn()?;
-            dnn.conv2d_backward_data(c.dev.pool(), &s, &wd, &dyd, &mut dxd)?;
-            let got = c.dev.download_bf16(&dxd)?;
-            let t = c.time(|| dnn.conv2d_backward_data(c.dev.pool(), &s, &wd, &dyd, &mut dxd))?;
-            Ok(Measured {
-                err: Some((rel_l2(&got, want.data()), TOL_BF16)),
-                time: Some(t),
-                flops: s.flops(),
-                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-                ..Default::default()
-            })
-        },
-    );
-    c.row(
-        "conv",
-        &format!("{name}_wgrad"),
-        shape,
-        torch("bwd_filter"),
-        |c| {
-            let g = grads.map_err(clone_err)?;
-            let (xd, dyd) = (c.dev.upload_bf16(&x)?, c.dev.upload_bf16(&dy)?);
-            let mut dwd = c.dev.alloc::<bf16>(s.w_len())?;
-            let dnn = c.dev.dnn()?;
-            dnn.conv2d_backward_filter(c.dev.pool(), &s, &xd, &dyd, &mut dwd)?;
-            let got = c.dev.download_bf16(&dwd)?;
-            let t = c.time(|| dnn.conv2d_backward_filter(c.dev.pool(), &s, &xd, &dyd, &mut dwd))?;
-            Ok(Measured {
-                err: Some((rel_l2(&got, g.dw.data()), TOL_BF16)),
-                time: Some(t),
-                flops: s.flops(),
-                bytes: elems(s.x_len(), s.w_len(), s.y_len()),
-                ..Default::default()
-            })
-        },
-    );
-}
-
-/// Re-creates an engine error from a borrowed one (a reference computed once, used by rows).
-fn clone_err(e: &Error) -> Error {
-    Error::invalid("device-check", e.to_string())
-}
-
-/// ResNet-50's convolution kinds: stem, 3x3 stride 1 and 2, 1x1, and ViT's patch embedding.
-fn conv_rows(c: &mut Checker<'_, Gpu>) {
-    let n = if c.opts.quick { 2 } else { 16 };
-    let base = ConvShape {
-        n,
-        h: 56,
-        w: 56,
-        c: 64,
-        o: 64,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: 1,
-    };
-    conv_case(c, "conv3x3_s1", base);
-    conv_case(
-        c,
-        "conv1x1_c256",
-        ConvShape {
-            c: 256,
-            o: 64,
-            kh: 1,
-            kw: 1,
-            pad: 0,
-            ..base
-        },
-    );
-    conv_case(
-        c,
-        "conv3x3_s2_c128",
-        ConvShape {
-            h: 56,
-            w: 56,
-            c: 128,
-            o: 128,
-            stride: 2,
-            ..base
-        },
-    );
-    conv_case(
-        c,
-        "stem7x7_s2",
-        ConvShape {
-            h: 224,
-            w: 224,
-            c: 3,
-            o: 64,
-            kh: 7,
-            kw: 7,
-            stride: 2,
-            pad: 3,
-            ..base
-        },
-    );
-    conv_case(
-        c,
-        "patch16_s16",
-        ConvShape {
-            h: 224,
-            w: 224,
-            c: 3,
-            o: 384,
-            kh: 16,
-            kw: 16,
-            stride: 16,
-            pad: 0,
-            ..base
         },
     );
 }

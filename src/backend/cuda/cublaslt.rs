@@ -22,9 +22,17 @@
 //! steady-state call is one `cublasLtMatmul` (plus setting the bias pointer). cuBLASLt's GELU
 //! epilogue is the tanh approximation; the CPU backend's GELU is the exact erf form (they differ
 //! by < 5e-4 absolute, far under the bf16 tolerance).
+//!
+//! The shape types ([`Gemm`], [`Epilogue`]) and the length contract live in the device-neutral
+//! `backend::device::blas`; the device model reaches this wrapper through `Exec::gemm` /
+//! `Exec::gemm_f32_out` on the [`Gpu`](super::Gpu), whose emulation twin runs the CPU backend.
 
 use super::alloc::DeviceBuffer;
 use super::cuda_err;
+/// The shape types are device-neutral (`backend::device::blas`); re-exported here so that
+/// `cuda::cublaslt::{Gemm, Epilogue}` keeps naming them.
+pub use crate::backend::device::blas::{Epilogue, Gemm};
+use crate::backend::device::blas::{OP_GEMM, OP_GEMM_F32_OUT};
 use crate::error::{Error, Result};
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -38,77 +46,15 @@ use std::sync::Arc;
 /// Workspace for cuBLASLt's split-K/stream-K kernels: NVIDIA recommends 32 MiB on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// What is fused after the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Epilogue {
-    /// Plain product.
-    None,
-    /// `+ bias` (per output column of the row-major result).
-    Bias,
-    /// `gelu(· + bias)` (tanh-approximated GELU).
-    BiasGelu,
-    /// `relu(· + bias)`.
-    BiasRelu,
-    /// `gelu(·)`.
-    Gelu,
-}
-
-impl Epilogue {
-    fn has_bias(self) -> bool {
-        matches!(
-            self,
-            Epilogue::Bias | Epilogue::BiasGelu | Epilogue::BiasRelu
-        )
-    }
-
-    fn code(self) -> sys::cublasLtEpilogue_t {
-        use sys::cublasLtEpilogue_t as E;
-        match self {
-            Epilogue::None => E::CUBLASLT_EPILOGUE_DEFAULT,
-            Epilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
-            Epilogue::BiasGelu => E::CUBLASLT_EPILOGUE_GELU_BIAS,
-            Epilogue::BiasRelu => E::CUBLASLT_EPILOGUE_RELU_BIAS,
-            Epilogue::Gelu => E::CUBLASLT_EPILOGUE_GELU,
-        }
-    }
-}
-
-/// One row-major GEMM `C[m,n] (+)= op(A)[m,k] · op(B)[k,n]`, as `backend::cpu::matmul` takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Gemm {
-    /// Rows of C.
-    pub m: usize,
-    /// Columns of C.
-    pub n: usize,
-    /// Inner dimension.
-    pub k: usize,
-    /// A is stored `[k, m]` (row-major) and used transposed.
-    pub trans_a: bool,
-    /// B is stored `[n, k]` and used transposed (a PyTorch `[out, in]` weight).
-    pub trans_b: bool,
-    /// Fused epilogue.
-    pub epilogue: Epilogue,
-    /// `C += product` (gradient accumulation) instead of `C = product`.
-    pub accumulate: bool,
-}
-
-impl Gemm {
-    /// The GEMM of a linear layer forward: `y[rows, out] = x[rows, in] · w[out, in]ᵀ (+ epilogue)`.
-    pub fn linear(rows: usize, inp: usize, out: usize, epilogue: Epilogue) -> Self {
-        Gemm {
-            m: rows,
-            n: out,
-            k: inp,
-            trans_a: false,
-            trans_b: true,
-            epilogue,
-            accumulate: false,
-        }
-    }
-
-    /// Floating-point operations (2·m·n·k).
-    pub fn flops(&self) -> f64 {
-        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+/// cuBLASLt's code for an epilogue.
+fn epilogue_code(e: Epilogue) -> sys::cublasLtEpilogue_t {
+    use sys::cublasLtEpilogue_t as E;
+    match e {
+        Epilogue::None => E::CUBLASLT_EPILOGUE_DEFAULT,
+        Epilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+        Epilogue::BiasGelu => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+        Epilogue::BiasRelu => E::CUBLASLT_EPILOGUE_RELU_BIAS,
+        Epilogue::Gelu => E::CUBLASLT_EPILOGUE_GELU,
     }
 }
 
@@ -196,7 +142,7 @@ impl Lt {
         bias: Option<&DeviceBuffer<bf16>>,
         c: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        check_lengths(g, a.len(), b.len(), c.len(), bias.map(|x| x.len()))?;
+        g.check_lengths(OP_GEMM, a.len(), b.len(), bias.map(|x| x.len()), c.len())?;
         self.run(
             g,
             Out::Bf16,
@@ -216,13 +162,7 @@ impl Lt {
         b: &DeviceBuffer<bf16>,
         c: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        if g.epilogue.has_bias() {
-            return Err(Error::invalid(
-                "cublasLt",
-                "a bias epilogue needs a bf16 output (use matmul)",
-            ));
-        }
-        check_lengths(g, a.len(), b.len(), c.len(), None)?;
+        g.check_lengths_f32_out(OP_GEMM_F32_OUT, a.len(), b.len(), c.len())?;
         self.run(g, Out::F32, a.ptr(), b.ptr(), None, c.ptr())
     }
 
@@ -345,7 +285,7 @@ impl Lt {
         plan.c = result::create_matrix_layout(out_ty, n, m, n as i64)?;
         // cublasOperation_t as the int32 the attribute stores: 0 = N, 1 = T.
         let (ta, tb) = (g.trans_b as i32, g.trans_a as i32);
-        let epi = g.epilogue.code();
+        let epi = epilogue_code(g.epilogue);
         // SAFETY: attribute buffers are live locals of the attribute's type and size.
         unsafe {
             result::set_matmul_desc_attribute(
@@ -399,70 +339,26 @@ impl Lt {
     }
 }
 
-/// Checks buffer lengths against the GEMM's shapes (a short buffer would be read out of bounds).
-fn check_lengths(g: &Gemm, a: usize, b: usize, c: usize, bias: Option<usize>) -> Result<()> {
-    let need = [
-        ("A", a, g.m * g.k),
-        ("B", b, g.k * g.n),
-        ("C", c, g.m * g.n),
-    ];
-    for (name, have, want) in need {
-        if have < want {
-            return Err(Error::shape(
-                "cublasLt",
-                format!("{name} holds {have} elements, the GEMM {g:?} needs {want}"),
-            ));
-        }
-    }
-    match (g.epilogue.has_bias(), bias) {
-        (true, None) => Err(Error::invalid(
-            "cublasLt",
-            format!("{:?} needs a bias", g.epilogue),
-        )),
-        (false, Some(_)) => Err(Error::invalid(
-            "cublasLt",
-            format!("a bias was given but the epilogue is {:?}", g.epilogue),
-        )),
-        (true, Some(len)) if len < g.n => Err(Error::shape(
-            "cublasLt",
-            format!(
-                "bias holds {len} elements, the GEMM needs {} (one per output column)",
-                g.n
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn linear_maps_to_a_transposed_weight() {
-        let g = Gemm::linear(8, 384, 1536, Epilogue::BiasGelu);
+    fn every_epilogue_has_its_own_code() {
+        let all = [
+            Epilogue::None,
+            Epilogue::Bias,
+            Epilogue::BiasGelu,
+            Epilogue::BiasRelu,
+            Epilogue::Gelu,
+        ];
+        let codes: Vec<_> = all.iter().map(|&e| epilogue_code(e) as i64).collect();
+        for (i, c) in codes.iter().enumerate() {
+            assert!(!codes[..i].contains(c), "{:?} shares its code", all[i]);
+        }
         assert_eq!(
-            (g.m, g.n, g.k, g.trans_a, g.trans_b),
-            (8, 1536, 384, false, true)
+            epilogue_code(Epilogue::BiasGelu),
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
         );
-        assert_eq!(g.flops(), 2.0 * 8.0 * 1536.0 * 384.0);
-    }
-
-    #[test]
-    fn lengths_and_bias_are_checked() {
-        let g = Gemm::linear(4, 3, 5, Epilogue::Bias);
-        assert!(check_lengths(&g, 12, 15, 20, Some(5)).is_ok());
-        assert!(check_lengths(&g, 11, 15, 20, Some(5))
-            .unwrap_err()
-            .to_string()
-            .contains("A holds 11"));
-        assert!(check_lengths(&g, 12, 15, 19, Some(5)).is_err());
-        assert!(check_lengths(&g, 12, 15, 20, Some(4))
-            .unwrap_err()
-            .to_string()
-            .contains("bias"));
-        assert!(check_lengths(&g, 12, 15, 20, None).is_err());
-        let plain = Gemm::linear(4, 3, 5, Epilogue::None);
-        assert!(check_lengths(&plain, 12, 15, 20, Some(5)).is_err());
     }
 }

@@ -11,9 +11,19 @@
 //! Per shape, descriptors are made once and each direction's algorithm is chosen once (cuDNN's
 //! heuristic, first choice) and cached in a `HashMap` keyed by the shape; workspaces come from
 //! the caching allocator, so a steady-state call allocates nothing from the driver.
+//!
+//! The shape type ([`ConvShape`]) and the length contract live in the device-neutral
+//! `backend::device::blas`; the device model reaches this wrapper through `Exec::conv_forward`,
+//! `Exec::conv_backward_data` and `Exec::conv_backward_filter` on the [`Gpu`](super::Gpu).
 
 use super::alloc::{DeviceBuffer, DevicePool};
 use super::cuda_err;
+/// The shape type is device-neutral (`backend::device::blas`); re-exported here so that
+/// `cuda::cudnn::ConvShape` keeps naming it.
+pub use crate::backend::device::blas::ConvShape;
+use crate::backend::device::blas::{
+    OP_CONV_BACKWARD_DATA, OP_CONV_BACKWARD_FILTER, OP_CONV_FORWARD,
+};
 use crate::error::{Error, Result};
 use cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
@@ -25,76 +35,6 @@ use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// The geometry of one 2-D convolution (square stride and padding, as the CPU backend's
-/// `Conv2dParams`): input `[n, h, w, c]`, weight `[o, kh, kw, c]`, output `[n, oh, ow, o]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvShape {
-    /// Batch.
-    pub n: usize,
-    /// Input height.
-    pub h: usize,
-    /// Input width.
-    pub w: usize,
-    /// Input channels.
-    pub c: usize,
-    /// Output channels.
-    pub o: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Stride (both axes).
-    pub stride: usize,
-    /// Zero padding (each side, both axes).
-    pub pad: usize,
-}
-
-impl ConvShape {
-    /// Output height and width, `(h + 2p − kh)/s + 1` (floor), or an error when the kernel does
-    /// not fit the padded input.
-    pub fn out_hw(&self) -> Result<(usize, usize)> {
-        if self.stride == 0 || self.kh == 0 || self.kw == 0 {
-            return Err(Error::invalid(
-                "cudnn conv",
-                format!("{self:?}: stride and kernel must be ≥ 1"),
-            ));
-        }
-        let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
-        if ph < self.kh || pw < self.kw {
-            return Err(Error::shape(
-                "cudnn conv",
-                format!("{self:?}: kernel larger than the padded input"),
-            ));
-        }
-        Ok((
-            (ph - self.kh) / self.stride + 1,
-            (pw - self.kw) / self.stride + 1,
-        ))
-    }
-
-    /// Elements of the input.
-    pub fn x_len(&self) -> usize {
-        self.n * self.h * self.w * self.c
-    }
-
-    /// Elements of the weight.
-    pub fn w_len(&self) -> usize {
-        self.o * self.kh * self.kw * self.c
-    }
-
-    /// Elements of the output (0 when the shape is invalid).
-    pub fn y_len(&self) -> usize {
-        self.out_hw()
-            .map(|(oh, ow)| self.n * oh * ow * self.o)
-            .unwrap_or(0)
-    }
-
-    /// Floating-point operations of the forward (each backward costs the same).
-    pub fn flops(&self) -> f64 {
-        2.0 * self.y_len() as f64 * (self.kh * self.kw * self.c) as f64
-    }
-}
 
 /// Descriptors and chosen algorithms (with workspace bytes) of one shape.
 struct Plan {
@@ -207,9 +147,7 @@ impl Dnn {
         w: &DeviceBuffer<bf16>,
         y: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        check(s, "x", x.len(), s.x_len())?;
-        check(s, "w", w.len(), s.w_len())?;
-        check(s, "y", y.len(), s.y_len())?;
+        s.check_forward(OP_CONV_FORWARD, x.len(), w.len(), y.len())?;
         self.with_plan(s, |p| {
             let op = ConvForward {
                 conv: &p.conv,
@@ -255,9 +193,7 @@ impl Dnn {
         dy: &DeviceBuffer<bf16>,
         dx: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        check(s, "w", w.len(), s.w_len())?;
-        check(s, "dy", dy.len(), s.y_len())?;
-        check(s, "dx", dx.len(), s.x_len())?;
+        s.check_backward_data(OP_CONV_BACKWARD_DATA, w.len(), dy.len(), dx.len())?;
         self.with_plan(s, |p| {
             let op = ConvBackwardData {
                 conv: &p.conv,
@@ -303,9 +239,7 @@ impl Dnn {
         dy: &DeviceBuffer<bf16>,
         dw: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        check(s, "x", x.len(), s.x_len())?;
-        check(s, "dy", dy.len(), s.y_len())?;
-        check(s, "dw", dw.len(), s.w_len())?;
+        s.check_backward_filter(OP_CONV_BACKWARD_FILTER, x.len(), dy.len(), dw.len())?;
         self.with_plan(s, |p| {
             let op = ConvBackwardFilter {
                 conv: &p.conv,
@@ -352,83 +286,25 @@ fn workspace(pool: &Arc<DevicePool>, bytes: usize) -> Result<Option<DeviceBuffer
     }
 }
 
-/// A buffer too short for the shape would be read or written out of bounds: refuse it.
-fn check(s: &ConvShape, name: &str, have: usize, want: usize) -> Result<()> {
-    if want == 0 {
-        s.out_hw()?;
-    }
-    if have != want {
-        return Err(Error::shape(
-            "cudnn conv",
-            format!("{name} holds {have} elements, {s:?} needs {want}"),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn shape() -> ConvShape {
-        ConvShape {
-            n: 2,
-            h: 56,
-            w: 56,
-            c: 64,
-            o: 128,
+    #[test]
+    fn dimensions_beyond_cudnns_int_are_refused() {
+        let s = ConvShape {
+            n: 1,
+            h: 8,
+            w: 8,
+            c: 3,
+            o: 4,
             kh: 3,
             kw: 3,
-            stride: 2,
+            stride: 1,
             pad: 1,
-        }
-    }
-
-    #[test]
-    fn output_size_matches_the_cpu_formula() {
-        let s = shape();
-        assert_eq!(s.out_hw().unwrap(), (28, 28));
-        assert_eq!(s.y_len(), 2 * 28 * 28 * 128);
-        assert_eq!(s.w_len(), 128 * 9 * 64);
-        let stem = ConvShape {
-            h: 224,
-            w: 224,
-            c: 3,
-            o: 64,
-            kh: 7,
-            kw: 7,
-            pad: 3,
-            ..s
         };
-        assert_eq!(stem.out_hw().unwrap(), (112, 112));
-        let patch = ConvShape {
-            h: 224,
-            w: 224,
-            c: 3,
-            o: 384,
-            kh: 16,
-            kw: 16,
-            stride: 16,
-            pad: 0,
-            ..s
-        };
-        assert_eq!(patch.out_hw().unwrap(), (14, 14));
-        assert!(ConvShape { stride: 0, ..s }.out_hw().is_err());
-        assert!(ConvShape {
-            h: 2,
-            w: 2,
-            pad: 0,
-            ..s
-        }
-        .out_hw()
-        .is_err());
-    }
-
-    #[test]
-    fn buffer_lengths_are_checked() {
-        let s = shape();
-        assert!(check(&s, "x", s.x_len(), s.x_len()).is_ok());
-        let e = check(&s, "dy", 5, s.y_len()).unwrap_err().to_string();
-        assert!(e.contains("dy holds 5"), "{e}");
+        assert_eq!(dim(8, &s).unwrap(), 8);
+        let e = dim(1 << 31, &s).unwrap_err().to_string();
+        assert!(e.contains("exceeds i32"), "{e}");
     }
 }

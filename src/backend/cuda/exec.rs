@@ -2,13 +2,21 @@
 //! stream, with buffers from its caching allocator. Arguments become a `cudarc` launch builder
 //! (one pointer per parameter, as `cuLaunchKernel` takes them), so the argument list a device
 //! op passes is the one the CPU emulation checked.
+//!
+//! GEMMs and convolutions go to cuBLASLt ([`Gpu::lt`]) and cuDNN ([`Gpu::dnn`], workspaces from
+//! the caching allocator); the lengths are checked by the same `backend::device::blas`
+//! functions the emulation calls, before the library handle is even created.
 
 use super::alloc::DeviceBuffer;
 use super::context::Gpu;
 use super::module::LaunchDims;
 use super::PushKernelArg;
-use crate::backend::device::{DevBuf, Elem, Exec, KArg, LaunchConfig, Timing};
+use crate::backend::device::blas::{
+    OP_CONV_BACKWARD_DATA, OP_CONV_BACKWARD_FILTER, OP_CONV_FORWARD, OP_GEMM, OP_GEMM_F32_OUT,
+};
+use crate::backend::device::{ConvShape, DevBuf, Elem, Exec, Gemm, KArg, LaunchConfig, Timing};
 use crate::error::{Error, Result};
+use half::bf16;
 
 impl<T: Elem> DevBuf<T> for DeviceBuffer<T> {
     fn len(&self) -> usize {
@@ -106,5 +114,62 @@ impl Exec for Gpu {
         // SAFETY: forwarded from the caller: the arguments match the kernel and the buffers
         // are large enough for `cfg`.
         unsafe { k.launch(&mut b, dims) }
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &DeviceBuffer<bf16>,
+        b: &DeviceBuffer<bf16>,
+        bias: Option<&DeviceBuffer<bf16>>,
+        c: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
+        g.check_lengths(OP_GEMM, a.len(), b.len(), bias.map(|v| v.len()), c.len())?;
+        self.lt()?.matmul(g, a, b, bias, c)
+    }
+
+    fn gemm_f32_out(
+        &self,
+        g: &Gemm,
+        a: &DeviceBuffer<bf16>,
+        b: &DeviceBuffer<bf16>,
+        c: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        g.check_lengths_f32_out(OP_GEMM_F32_OUT, a.len(), b.len(), c.len())?;
+        self.lt()?.matmul_f32_out(g, a, b, c)
+    }
+
+    fn conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &DeviceBuffer<bf16>,
+        w: &DeviceBuffer<bf16>,
+        y: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
+        s.check_forward(OP_CONV_FORWARD, x.len(), w.len(), y.len())?;
+        self.dnn()?.conv2d_forward(self.pool(), s, x, w, y)
+    }
+
+    fn conv_backward_data(
+        &self,
+        s: &ConvShape,
+        w: &DeviceBuffer<bf16>,
+        dy: &DeviceBuffer<bf16>,
+        dx: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
+        s.check_backward_data(OP_CONV_BACKWARD_DATA, w.len(), dy.len(), dx.len())?;
+        self.dnn()?.conv2d_backward_data(self.pool(), s, w, dy, dx)
+    }
+
+    fn conv_backward_filter(
+        &self,
+        s: &ConvShape,
+        x: &DeviceBuffer<bf16>,
+        dy: &DeviceBuffer<bf16>,
+        dw: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
+        s.check_backward_filter(OP_CONV_BACKWARD_FILTER, x.len(), dy.len(), dw.len())?;
+        self.dnn()?
+            .conv2d_backward_filter(self.pool(), s, x, dy, dw)
     }
 }

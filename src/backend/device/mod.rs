@@ -11,12 +11,18 @@
 //! `elementwise`, `mixup`, `augment`) mirror `kernels/<family>.cu`; each also holds its rows of
 //! the device check ([`check`]), which therefore run on the emulation in CI as well.
 //!
+//! Library work (GEMMs, convolutions) is part of [`Exec`] too ([`Exec::gemm`],
+//! [`Exec::conv_forward`], ...): cuBLASLt and cuDNN on the GPU, the CPU backend on the
+//! emulation (bf16 operands widened to f32, the result rounded to bf16), with one contract
+//! (shapes, length checks, epilogue semantics) in [`blas`].
+//!
 //! Buffers: [`Exec::alloc`] gives uninitialised memory. On the emulation it is filled with
 //! 0xFF bytes (NaN for floats, -1 for integers), so a kernel that silently relies on zeroed
 //! output shows up as NaN in the tests instead of on the first GPU run; ask for
 //! [`Exec::zeros`] where a kernel accumulates. Ops take `&mut` for every buffer they write.
 
 pub mod augment;
+pub mod blas;
 pub mod check;
 pub mod elementwise;
 pub mod mixup;
@@ -28,6 +34,7 @@ pub mod softmax_ce;
 use crate::backend::emu;
 pub use crate::backend::emu::Mode;
 use crate::error::{Error, Result};
+pub use blas::{ConvShape, Epilogue, Gemm};
 use half::bf16;
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -205,6 +212,69 @@ pub trait Exec {
         kernel: &'static str,
         cfg: LaunchConfig,
         args: &[KArg],
+    ) -> Result<()>;
+
+    /// C (+)= op(A)·op(B) (+ epilogue), row-major as `Gemm` documents, bf16 A, B, C
+    /// (bf16 bias `[n]`).
+    ///
+    /// `C = act(op(A)·op(B) + [C if g.accumulate] + [bias])`: C is read only when accumulating;
+    /// GELU epilogues are the tanh approximation ([`blas::gelu_tanh`]). Lengths are checked
+    /// first ([`Gemm::check_lengths`]): A, B, C exactly their shapes, a bias of `n` exactly when
+    /// the epilogue has one. cuBLASLt on the GPU, the CPU backend's `matmul` on the emulation.
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf<bf16>,
+        b: &Self::Buf<bf16>,
+        bias: Option<&Self::Buf<bf16>>,
+        c: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// As `gemm` with an fp32 C (no bias epilogues): weight gradients accumulated in fp32.
+    ///
+    /// `Gelu` is allowed; an epilogue with a bias is an error ([`Gemm::check_lengths_f32_out`]).
+    fn gemm_f32_out(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf<bf16>,
+        b: &Self::Buf<bf16>,
+        c: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// y = conv(x, w): x `[n,h,w,c]`, w `[o,kh,kw,c]` (KRSC), y `[n,oh,ow,o]`, NHWC bf16.
+    ///
+    /// fp32 accumulation, y overwritten (never read). cuDNN on the GPU, the CPU backend's
+    /// `conv2d_forward` on the emulation. Lengths: [`ConvShape::check_forward`].
+    fn conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf<bf16>,
+        w: &Self::Buf<bf16>,
+        y: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// dx = conv backward-data(w, dy).
+    ///
+    /// dx `[n,h,w,c]` is overwritten (not accumulated into). Lengths:
+    /// [`ConvShape::check_backward_data`].
+    fn conv_backward_data(
+        &self,
+        s: &ConvShape,
+        w: &Self::Buf<bf16>,
+        dy: &Self::Buf<bf16>,
+        dx: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// dw = conv backward-filter(x, dy) (bf16 out, fp32 accumulation inside).
+    ///
+    /// dw `[o,kh,kw,c]` is overwritten (not accumulated into). Lengths:
+    /// [`ConvShape::check_backward_filter`].
+    fn conv_backward_filter(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf<bf16>,
+        dy: &Self::Buf<bf16>,
+        dw: &mut Self::Buf<bf16>,
     ) -> Result<()>;
 
     /// f32 values rounded to bf16, in a new buffer (the GPU's operand type).
@@ -426,6 +496,57 @@ impl Exec for Emu {
         // SAFETY: forwarded from the caller (arguments match the kernel, buffers are large
         // enough); `params` points into `args`, which outlives the synchronous launch.
         unsafe { emu::launch_raw(self.mode, module, kernel, cfg, &mut params) }
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &HostBuf<bf16>,
+        b: &HostBuf<bf16>,
+        bias: Option<&HostBuf<bf16>>,
+        c: &mut HostBuf<bf16>,
+    ) -> Result<()> {
+        blas::emu_gemm(self, g, a, b, bias, c)
+    }
+
+    fn gemm_f32_out(
+        &self,
+        g: &Gemm,
+        a: &HostBuf<bf16>,
+        b: &HostBuf<bf16>,
+        c: &mut HostBuf<f32>,
+    ) -> Result<()> {
+        blas::emu_gemm_f32_out(self, g, a, b, c)
+    }
+
+    fn conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &HostBuf<bf16>,
+        w: &HostBuf<bf16>,
+        y: &mut HostBuf<bf16>,
+    ) -> Result<()> {
+        blas::emu_conv_forward(self, s, x, w, y)
+    }
+
+    fn conv_backward_data(
+        &self,
+        s: &ConvShape,
+        w: &HostBuf<bf16>,
+        dy: &HostBuf<bf16>,
+        dx: &mut HostBuf<bf16>,
+    ) -> Result<()> {
+        blas::emu_conv_backward_data(self, s, w, dy, dx)
+    }
+
+    fn conv_backward_filter(
+        &self,
+        s: &ConvShape,
+        x: &HostBuf<bf16>,
+        dy: &HostBuf<bf16>,
+        dw: &mut HostBuf<bf16>,
+    ) -> Result<()> {
+        blas::emu_conv_backward_filter(self, s, x, dy, dw)
     }
 }
 

@@ -23,8 +23,9 @@
 //!
 //! Convolutions: NHWC activations, KRSC (`[o, kh, kw, c]`) weights, bf16 in and out, fp32
 //! accumulation. On the emulation the backward-data pass runs `conv2d_backward` with a zero
-//! input and keeps only `dx` (the CPU backend has no data-only path), so it costs a forward and
-//! a weight gradient more than it needs; the emulation is for correctness, not speed.
+//! input and keeps only `dx` (the CPU backend has no data-only path), so it also computes a
+//! weight gradient it throws away (about twice the work); the emulation is for correctness,
+//! not speed.
 //!
 //! [`check_rows`] holds the GEMM and convolution rows of the device check (groups `gemm`,
 //! `conv`): ViT-S/16's linear layers and ResNet-50's convolution kinds against the CPU backend.

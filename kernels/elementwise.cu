@@ -1,6 +1,7 @@
-// elementwise.cu -- GELU with bias fusion, bias add, drop path, attention softmax; CPU reference:
-// src/backend/cpu/elementwise.rs (gelu, add, drop path) and src/backend/cpu/softmax.rs
-// (row softmax and its backward).
+// elementwise.cu -- GELU with bias fusion, bias add, drop path, attention softmax, and the flat
+// casts and adds of mixed-precision training; CPU reference: src/backend/cpu/elementwise.rs
+// (gelu, add, drop path), src/backend/cpu/softmax.rs (row softmax and its backward) and, for the
+// casts and adds, half::bf16's conversions and f32 addition.
 //
 // Storage bf16 (activations, gradients), bias fp32 (a parameter), arithmetic fp32.
 // * gelu_bias_forward: y = gelu(x + b), exact erf form (PyTorch's nn.GELU() default),
@@ -17,10 +18,24 @@
 // * attn_softmax_forward: P = softmax(scale * S) per row of [rows, N] (rows = B*H*N query
 //   tokens, N = 197 keys for ViT-S/16): one warp per row, max-subtracted, fp32.
 //   attn_softmax_backward: dS = scale * P (dP - sum_j P dP) per row, one warp per row.
-// Launches: element-wise kernels grid ceil(n / T) (or fewer: grid-stride), block T (256 on
-// the GPU); row kernels grid ceil(rows / (T/32)), block T (a warp per row); column sums as
+// * Mixed-precision plumbing of a training step over flat buffers of n elements (a model's
+//   parameters: 25.6 M for ResNet-50, and a concatenation of several models' can pass 2^31, so
+//   these take `unsigned long long n` and loop with 64-bit indices, GRID_STRIDE_LOOP64):
+//   cast_f32_bf16 (fp32 master weights -> the bf16 operand copies, round to nearest even),
+//   cast_bf16_f32 (exact widening, for checks), add_bf16 (y = a + b in fp32, rounded once;
+//   y may be a: the residual add / gradient sum in place), accumulate_bf16_f32 (acc += g: a bf16
+//   weight gradient from cuDNN/cuBLASLt into the fp32 gradient accumulator), accumulate_f32
+//   (acc += g: batch norm's fp32 dgamma/dbeta into the accumulator).
+// Launches: element-wise kernels grid ceil(n / T) (or fewer: grid-stride; the flat 64-bit
+// kernels cap it, see src/backend/device/elementwise.rs), block T (256 on the GPU); row kernels grid ceil(rows / (T/32)), block T (a warp per row); column sums as
 // norm.cu's (block 32 columns x T/32 row lanes, grid (ceil(C/32), G)).
 #include "common.cuh"
+
+// Grid-stride loop over [0, n) with 64-bit indices, for the flat kernels whose n may pass 2^31
+// (no per-element division there, so the wider index costs little).
+#define GRID_STRIDE_LOOP64(i, n)                                                          \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n);      \
+         i += (size_t)gridDim.x * blockDim.x)
 
 #define INV_SQRT2 0.70710678118654752f
 #define INV_SQRT_2PI 0.39894228040143268f
@@ -129,4 +144,30 @@ KERNEL void attn_softmax_backward(const bf16* __restrict__ dP, const bf16* __res
     dot = warp_sum(dot);
     for (int j = lane; j < N; j += 32)
         dS[o + j] = __float2bfloat16(scale * __bfloat162float(P[o + j]) * (__bfloat162float(dP[o + j]) - dot));
+}
+
+// y = bf16(x), round to nearest even, over n elements.
+KERNEL void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, unsigned long long n) {
+    GRID_STRIDE_LOOP64(i, n) y[i] = __float2bfloat16(x[i]);
+}
+
+// y = float(x) (exact) over n elements.
+KERNEL void cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y, unsigned long long n) {
+    GRID_STRIDE_LOOP64(i, n) y[i] = __bfloat162float(x[i]);
+}
+
+// y = a + b in fp32, rounded once (y may be a: no __restrict__ on them).
+KERNEL void add_bf16(const bf16* a, const bf16* __restrict__ b, bf16* y, unsigned long long n) {
+    GRID_STRIDE_LOOP64(i, n) y[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}
+
+// acc += float(g) over n elements.
+KERNEL void accumulate_bf16_f32(const bf16* __restrict__ g, float* __restrict__ acc,
+                                unsigned long long n) {
+    GRID_STRIDE_LOOP64(i, n) acc[i] += __bfloat162float(g[i]);
+}
+
+// acc += g over n elements.
+KERNEL void accumulate_f32(const float* __restrict__ g, float* __restrict__ acc, unsigned long long n) {
+    GRID_STRIDE_LOOP64(i, n) acc[i] += g[i];
 }

@@ -1,5 +1,6 @@
 """PyTorch side of kernels/elementwise.cu: GELU with its Linear's bias, bias add, the bias
-gradient's column sum, drop path (alone and fused with the residual add), attention softmax.
+gradient's column sum, drop path (alone and fused with the residual add), attention softmax, and
+the flat casts and adds of mixed-precision training (copy_ between dtypes, add, add_).
 
 Each op is written the fastest way eager PyTorch has on bf16 activations (as under autocast):
 one ATen kernel where one exists (addcmul, _softmax_backward_data, gelu_backward), otherwise
@@ -60,10 +61,37 @@ def attn_softmax(torch, F, spec, rnd):
     return None
 
 
+def cast(torch, F, spec, rnd):
+    n = int(spec["n"])
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}
+    src, dst = dt[spec["from"]], dt[spec["to"]]
+    x = rnd((n,), src)
+    y = torch.empty((n,), dtype=dst, device=x.device)
+    # Into a preallocated buffer, as the engine's master-weight -> operand copy does.
+    return lambda: y.copy_(x)
+
+
+def add_bf16(torch, F, spec, rnd):
+    n = int(spec["n"])
+    a, b = rnd((n,), torch.bfloat16), rnd((n,), torch.bfloat16)
+    return lambda: torch.add(a, b)
+
+
+def accumulate(torch, F, spec, rnd):
+    n = int(spec["n"])
+    g = rnd((n,), {"f32": torch.float32, "bf16": torch.bfloat16}[spec["g"]])
+    acc = rnd((n,), torch.float32)
+    # Gradient accumulation into the fp32 buffer (type promotion inside add_).
+    return lambda: acc.add_(g)
+
+
 KINDS = {
     "gelu_bias": gelu_bias,
     "bias_add": bias_add,
     "column_sum": column_sum,
     "drop_path": drop_path,
     "attn_softmax": attn_softmax,
+    "cast": cast,
+    "add_bf16": add_bf16,
+    "accumulate": accumulate,
 }

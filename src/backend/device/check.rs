@@ -319,6 +319,7 @@ pub fn kernel_rows<E: Exec>(c: &mut Checker<'_, E>) {
             "elementwise" => super::elementwise::check_rows(c),
             "mixup" => super::mixup::check_rows(c),
             "augment" => super::augment::check_rows(c),
+            "pool" => super::pool::check_rows(c),
             other => c.row("kernels", other, "-".into(), Value::Null, |_| {
                 Ok(Measured {
                     skipped: true,

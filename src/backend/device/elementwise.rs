@@ -12,9 +12,20 @@
 //! | [`drop_path_add`], [`drop_path_add_assign`] | `drop_path_add` | `add_forward(r, drop_path_forward(x))` |
 //! | [`attn_softmax_forward`] | `attn_softmax_forward` | `cpu::softmax::softmax_forward(scale·S)` |
 //! | [`attn_softmax_backward`] | `attn_softmax_backward` | `scale · cpu::softmax::softmax_backward(dP, P)` |
+//! | [`cast_f32_bf16`] | `cast_f32_bf16` | `half::bf16::from_f32` (bit for bit) |
+//! | [`cast_bf16_f32`] | `cast_bf16_f32` | `half::bf16::to_f32` (bit for bit) |
+//! | [`add_bf16`], [`add_assign_bf16`] | `add_bf16` | `bf16::from_f32(a + b)` (bit for bit) |
+//! | [`accumulate_bf16_f32`] | `accumulate_bf16_f32` | `acc + g` in f32 (bit for bit) |
+//! | [`accumulate_f32`] | `accumulate_f32` | `acc + g` in f32 (bit for bit) |
+//!
+//! The last five are the mixed-precision plumbing of a ResNet-50 training step: fp32 master
+//! weights cast to their bf16 operand copies, bf16 activations added, bf16 weight gradients (from
+//! cuDNN / cuBLASLt) and fp32 batch-norm gradients accumulated into the fp32 gradient buffer.
+//! They work on flat buffers of any length (64-bit element counts).
 //!
 //! Launch configurations are the ones `kernels/elementwise.cu` documents: element-wise kernels
-//! one thread per element (`ceil(n / T)` blocks of `T`), row kernels one warp per row
+//! one thread per element (`ceil(n / T)` blocks of `T`; the flat 64-bit kernels at most
+//! [`FLAT_MAX_BLOCKS`] blocks, grid-stride), row kernels one warp per row
 //! (`ceil(rows / (T/32))` blocks), column sums `(ceil(C/32), G)` blocks of `T` then
 //! `ceil(C / T)`. Every output is written in full by its kernel, so outputs come from
 //! [`Exec::alloc`] (poisoned on the emulation: a gap would show up as NaN).
@@ -38,6 +49,28 @@ pub const THREADS: u32 = 256;
 /// Rows per block of [`column_sum`]'s first pass on the GPU: [64·197, 1536] gives 197 × 48
 /// blocks, enough to fill the GPU, while the partial sums stay ~3% of the input's bytes.
 pub const COLUMN_SUM_ROWS_PER_BLOCK: usize = 64;
+
+/// Most blocks of a flat 64-bit launch ([`cast_f32_bf16`], [`add_bf16`], ...): their grid-stride
+/// loops cover the rest, so any length launches. An H200 holds 132 SMs × 8 resident blocks of
+/// 256 threads: 4096 blocks are about four full waves, enough for these bandwidth-bound loops.
+pub const FLAT_MAX_BLOCKS: usize = 4096;
+
+/// ResNet-50's parameter count (torchvision), the length of the flat rows of the device check.
+pub const RESNET50_PARAMS: usize = 25_557_032;
+
+/// Checks the block size of a flat 64-bit launch over `n` elements; returns its configuration
+/// and the kernel's `unsigned long long n`, or `None` when there is nothing to do (`n = 0`).
+fn flat64(op: &'static str, n: usize, threads: u32) -> Result<Option<(LaunchConfig, KArg)>> {
+    check_threads(op, threads)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let blocks = n.div_ceil(threads as usize).min(FLAT_MAX_BLOCKS);
+    Ok(Some((
+        LaunchConfig::linear(blocks as u32, threads, 0),
+        KArg::U64(n as u64),
+    )))
+}
 
 /// Checks `[rows, cols]` (both non-zero, the product an `int`) and the block size.
 fn dims(op: &'static str, rows: usize, cols: usize, threads: u32) -> Result<(i32, i32)> {
@@ -389,6 +422,121 @@ pub fn attn_softmax_backward<E: Exec>(
     Ok(ds)
 }
 
+/// `y = bf16(x)` (round to nearest even) over equal-length buffers: the fp32 master weights to
+/// the bf16 copies the forward and backward GEMMs / convolutions read.
+pub fn cast_f32_bf16<E: Exec>(
+    ex: &E,
+    x: &E::Buf<f32>,
+    y: &mut E::Buf<bf16>,
+    threads: u32,
+) -> Result<()> {
+    const OP: &str = "cast_f32_bf16";
+    check_len(OP, "y", y.len(), x.len())?;
+    let Some((cfg, n)) = flat64(OP, x.len(), threads)? else {
+        return Ok(());
+    };
+    let args = [x.arg(), y.arg(), n];
+    // SAFETY: (const float* x, bf16* y, unsigned long long n) as declared; x and y hold n values;
+    // the 64-bit grid-stride loop stays below n.
+    unsafe { ex.launch(MODULE, "cast_f32_bf16", cfg, &args) }
+}
+
+/// `y = f32(x)` (exact) over equal-length buffers: bf16 values back to fp32 (checks, and fp32
+/// consumers of bf16 results).
+pub fn cast_bf16_f32<E: Exec>(
+    ex: &E,
+    x: &E::Buf<bf16>,
+    y: &mut E::Buf<f32>,
+    threads: u32,
+) -> Result<()> {
+    const OP: &str = "cast_bf16_f32";
+    check_len(OP, "y", y.len(), x.len())?;
+    let Some((cfg, n)) = flat64(OP, x.len(), threads)? else {
+        return Ok(());
+    };
+    let args = [x.arg(), y.arg(), n];
+    // SAFETY: (const bf16* x, float* y, unsigned long long n) as declared; x and y hold n values.
+    unsafe { ex.launch(MODULE, "cast_bf16_f32", cfg, &args) }
+}
+
+/// `a + b` in fp32, rounded once to bf16, in a new buffer: two bf16 activations or gradients
+/// summed (a residual branch's gradient meeting the shortcut's).
+pub fn add_bf16<E: Exec>(
+    ex: &E,
+    a: &E::Buf<bf16>,
+    b: &E::Buf<bf16>,
+    threads: u32,
+) -> Result<E::Buf<bf16>> {
+    const OP: &str = "add_bf16";
+    check_len(OP, "b", b.len(), a.len())?;
+    let y = ex.alloc::<bf16>(a.len())?;
+    let Some((cfg, n)) = flat64(OP, a.len(), threads)? else {
+        return Ok(y);
+    };
+    let args = [a.arg(), b.arg(), y.arg(), n];
+    // SAFETY: (const bf16* a, const bf16* b, bf16* y, unsigned long long n) as declared; a, b and
+    // the fresh y hold n values.
+    unsafe { ex.launch(MODULE, "add_bf16", cfg, &args)? };
+    Ok(y)
+}
+
+/// `acc += b` (fp32 sum rounded to bf16) in place: [`add_bf16`]'s kernel with `y = a`, so a
+/// gradient that several branches feed is summed without a second buffer.
+pub fn add_assign_bf16<E: Exec>(
+    ex: &E,
+    acc: &mut E::Buf<bf16>,
+    b: &E::Buf<bf16>,
+    threads: u32,
+) -> Result<()> {
+    const OP: &str = "add_assign_bf16";
+    check_len(OP, "b", b.len(), acc.len())?;
+    let Some((cfg, n)) = flat64(OP, acc.len(), threads)? else {
+        return Ok(());
+    };
+    let args = [acc.arg(), b.arg(), acc.arg(), n];
+    // SAFETY: (const bf16* a, const bf16* b, bf16* y, unsigned long long n) with y = a, which the
+    // kernel allows (no __restrict__ on a, y; each element is read then written by one thread);
+    // both buffers hold n values.
+    unsafe { ex.launch(MODULE, "add_bf16", cfg, &args) }
+}
+
+/// `acc += f32(g)`: a bf16 weight gradient (cuDNN / cuBLASLt output) added to the fp32
+/// gradient accumulator that the optimiser reads.
+pub fn accumulate_bf16_f32<E: Exec>(
+    ex: &E,
+    g: &E::Buf<bf16>,
+    acc: &mut E::Buf<f32>,
+    threads: u32,
+) -> Result<()> {
+    const OP: &str = "accumulate_bf16_f32";
+    check_len(OP, "acc", acc.len(), g.len())?;
+    let Some((cfg, n)) = flat64(OP, g.len(), threads)? else {
+        return Ok(());
+    };
+    let args = [g.arg(), acc.arg(), n];
+    // SAFETY: (const bf16* g, float* acc, unsigned long long n) as declared; g and acc hold n
+    // values.
+    unsafe { ex.launch(MODULE, "accumulate_bf16_f32", cfg, &args) }
+}
+
+/// `acc += g` in fp32: batch norm's dγ/dβ (fp32) added to the gradient accumulator.
+pub fn accumulate_f32<E: Exec>(
+    ex: &E,
+    g: &E::Buf<f32>,
+    acc: &mut E::Buf<f32>,
+    threads: u32,
+) -> Result<()> {
+    const OP: &str = "accumulate_f32";
+    check_len(OP, "acc", acc.len(), g.len())?;
+    let Some((cfg, n)) = flat64(OP, g.len(), threads)? else {
+        return Ok(());
+    };
+    let args = [g.arg(), acc.arg(), n];
+    // SAFETY: (const float* g, float* acc, unsigned long long n) as declared; g and acc hold n
+    // values (distinct buffers: `&mut acc` cannot alias `&g`).
+    unsafe { ex.launch(MODULE, "accumulate_f32", cfg, &args) }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The device check's rows
 
@@ -425,7 +573,8 @@ fn mask_of(b: usize) -> Vec<bool> {
 /// The rows of this family: GELU+bias forward/backward and the column sum at ViT-S's MLP width
 /// ([64·197, 1536]), bias add and drop path (+ residual) on the residual stream ([64·197, 384],
 /// i.e. [64, 197·384] per sample), attention softmax forward/backward at [64·6·197, 197]. Quick:
-/// 2 images instead of 64 (1 for the softmax).
+/// 2 images instead of 64 (1 for the softmax). The casts and accumulations run over ResNet-50's
+/// 25.6 M parameters (100 003 when quick).
 pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
     let imgs = if c.opts.quick { 2 } else { 64 };
     let tokens = imgs * 197;
@@ -434,6 +583,14 @@ pub fn check_rows<E: Exec>(c: &mut Checker<'_, E>) {
     drop_path_rows(c, imgs, 197 * 384);
     let heads_rows = if c.opts.quick { 6 * 197 } else { 64 * 6 * 197 };
     softmax_rows(c, heads_rows, 197);
+    flat_rows(
+        c,
+        if c.opts.quick {
+            100_003
+        } else {
+            RESNET50_PARAMS
+        },
+    );
 }
 
 fn gelu_rows<E: Exec>(c: &mut Checker<'_, E>, r: usize, d: usize) {
@@ -653,4 +810,317 @@ fn softmax_rows<E: Exec>(c: &mut Checker<'_, E>, rows: usize, n: usize) {
             ..Default::default()
         })
     });
+}
+
+/// The flat rows: every one exact (bit for bit against `half` and f32 addition), so held to 0.
+fn flat_rows<E: Exec>(c: &mut Checker<'_, E>, n: usize) {
+    let nf = n as f64;
+    let exact = "exact; ".to_string() + AIM;
+    c.row(
+        GROUP,
+        "cast_f32_bf16",
+        format!("[{n}] f32 -> bf16"),
+        json!({"kind": "cast", "from": "f32", "to": "bf16", "n": n}),
+        |c| {
+            let x = random("ew.cast.w", n);
+            let want = round_bf16(&x);
+            let xd = c.dev.upload(&x)?;
+            let mut y = c.dev.alloc::<bf16>(n)?;
+            cast_f32_bf16(c.dev, &xd, &mut y, THREADS)?;
+            let got = c.dev.download_bf16(&y)?;
+            let t = c.time(|| cast_f32_bf16(c.dev, &xd, &mut y, THREADS))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, &want), 0.0)),
+                time: Some(t),
+                bytes: 6.0 * nf,
+                note: exact.clone(),
+                ..Default::default()
+            })
+        },
+    );
+    c.row(
+        GROUP,
+        "cast_bf16_f32",
+        format!("[{n}] bf16 -> f32"),
+        json!({"kind": "cast", "from": "bf16", "to": "f32", "n": n}),
+        |c| {
+            let x = round_bf16(&random("ew.cast.w", n));
+            let xd = c.dev.upload_bf16(&x)?;
+            let mut y = c.dev.alloc::<f32>(n)?;
+            cast_bf16_f32(c.dev, &xd, &mut y, THREADS)?;
+            let got = c.dev.download(&y)?;
+            let t = c.time(|| cast_bf16_f32(c.dev, &xd, &mut y, THREADS))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, &x), 0.0)),
+                time: Some(t),
+                bytes: 6.0 * nf,
+                note: exact.clone(),
+                ..Default::default()
+            })
+        },
+    );
+    c.row(
+        GROUP,
+        "add_bf16",
+        format!("[{n}] bf16 + bf16"),
+        json!({"kind": "add_bf16", "n": n}),
+        |c| {
+            let a = round_bf16(&random("ew.add.a", n));
+            let b = round_bf16(&random("ew.add.b", n));
+            let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            let (ad, bd) = (c.dev.upload_bf16(&a)?, c.dev.upload_bf16(&b)?);
+            let y = add_bf16(c.dev, &ad, &bd, THREADS)?;
+            let got = c.dev.download_bf16(&y)?;
+            let t = c.time(|| add_bf16(c.dev, &ad, &bd, THREADS).map(drop))?;
+            Ok(Measured {
+                err: Some((rel_l2(&got, &round_bf16(&sum)), 0.0)),
+                time: Some(t),
+                flops: nf,
+                bytes: 6.0 * nf,
+                note: exact.clone(),
+                ..Default::default()
+            })
+        },
+    );
+    for (id, g_bf16) in [("accumulate_bf16_f32", true), ("accumulate_f32", false)] {
+        let g_name = if g_bf16 { "bf16" } else { "f32" };
+        c.row(
+            GROUP,
+            id,
+            format!("[{n}] f32 += {g_name}"),
+            json!({"kind": "accumulate", "g": g_name, "n": n}),
+            |c| {
+                let acc = random("ew.acc.acc", n);
+                let mut g = random("ew.acc.g", n);
+                if g_bf16 {
+                    g = round_bf16(&g);
+                }
+                let want: Vec<f32> = acc.iter().zip(&g).map(|(a, b)| a + b).collect();
+                let mut accd = c.dev.upload(&acc)?;
+                let (got, t) = if g_bf16 {
+                    let gd = c.dev.upload_bf16(&g)?;
+                    accumulate_bf16_f32(c.dev, &gd, &mut accd, THREADS)?;
+                    let got = c.dev.download(&accd)?;
+                    // The timed runs keep accumulating: values stay small (|acc| < reps + 2).
+                    (
+                        got,
+                        c.time(|| accumulate_bf16_f32(c.dev, &gd, &mut accd, THREADS))?,
+                    )
+                } else {
+                    let gd = c.dev.upload(&g)?;
+                    accumulate_f32(c.dev, &gd, &mut accd, THREADS)?;
+                    let got = c.dev.download(&accd)?;
+                    (
+                        got,
+                        c.time(|| accumulate_f32(c.dev, &gd, &mut accd, THREADS))?,
+                    )
+                };
+                Ok(Measured {
+                    err: Some((rel_l2(&got, &want), 0.0)),
+                    time: Some(t),
+                    flops: nf,
+                    bytes: if g_bf16 { 10.0 } else { 12.0 } * nf,
+                    note: exact.clone(),
+                    ..Default::default()
+                })
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::device::{Emu, Mode};
+
+    /// Random values over several magnitudes plus the awkward ones: exact halfway cases of the
+    /// bf16 rounding (ties to even, both directions), values just past halfway, the largest
+    /// finite f32 (rounds to infinity), subnormals, signed zeros, infinities and NaN.
+    fn values(name: &str, n: usize) -> Vec<f32> {
+        let specials = [
+            0.0,
+            -0.0,
+            f32::from_bits(0x3f80_8000), // 1 + 2^-8: halfway, to even = 1.0
+            f32::from_bits(0x3f81_8000), // halfway, to even = 0x3f82
+            f32::from_bits(0xbf80_8001), // past halfway: away from zero
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            -f32::from_bits(0x0000_8000),
+            f32::from_bits(0x007f_ffff),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let r = random(name, n);
+        (0..n)
+            .map(|i| match specials.get(i) {
+                Some(&v) => v,
+                None => r[i] * [1.0, 1e-3, 1e5, 3e-39][i % 4],
+            })
+            .collect()
+    }
+
+    /// Bit-for-bit equality, NaN matching NaN.
+    #[track_caller]
+    fn assert_bits(what: &str, got: &[u32], want: &[u32], nan: impl Fn(u32) -> bool) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g == w || (nan(g) && nan(w)),
+                "{what}[{i}]: got {g:#x}, want {w:#x}"
+            );
+        }
+    }
+    fn bf_bits(v: &[bf16]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits() as u32).collect()
+    }
+    fn f_bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+    fn bf_nan(b: u32) -> bool {
+        bf16::from_bits(b as u16).is_nan()
+    }
+    fn f_nan(b: u32) -> bool {
+        f32::from_bits(b).is_nan()
+    }
+
+    /// Every flat op against its host definition on `n` elements; outputs are poisoned
+    /// allocations (0xFF: NaN) or inputs, so an unwritten or wrong element fails.
+    fn check_flat(ex: &Emu, n: usize, threads: u32) {
+        let what = format!("n{n} T{threads} {:?}", ex.mode);
+        let x = values("ew.test.x", n);
+        let want_bf: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let xd = ex.upload(&x).unwrap();
+        let mut y = ex.alloc::<bf16>(n).unwrap();
+        cast_f32_bf16(ex, &xd, &mut y, threads).unwrap();
+        let got = ex.download(&y).unwrap();
+        assert_bits(
+            &format!("{what} f32->bf16"),
+            &bf_bits(&got),
+            &bf_bits(&want_bf),
+            bf_nan,
+        );
+
+        let mut back = ex.alloc::<f32>(n).unwrap();
+        cast_bf16_f32(ex, &y, &mut back, threads).unwrap();
+        let want_f: Vec<f32> = want_bf.iter().map(|v| v.to_f32()).collect();
+        assert_bits(
+            &format!("{what} bf16->f32"),
+            &f_bits(&ex.download(&back).unwrap()),
+            &f_bits(&want_f),
+            f_nan,
+        );
+
+        let b: Vec<bf16> = values("ew.test.b", n)
+            .iter()
+            .rev()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        let bd = ex.upload(&b).unwrap();
+        let want_sum: Vec<bf16> = want_bf
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32()))
+            .collect();
+        let s = add_bf16(ex, &y, &bd, threads).unwrap();
+        assert_bits(
+            &format!("{what} add"),
+            &bf_bits(&ex.download(&s).unwrap()),
+            &bf_bits(&want_sum),
+            bf_nan,
+        );
+        add_assign_bf16(ex, &mut y, &bd, threads).unwrap();
+        assert_bits(
+            &format!("{what} add in place"),
+            &bf_bits(&ex.download(&y).unwrap()),
+            &bf_bits(&want_sum),
+            bf_nan,
+        );
+
+        let acc0 = random("ew.test.acc", n);
+        let mut acc = ex.upload(&acc0).unwrap();
+        accumulate_bf16_f32(ex, &bd, &mut acc, threads).unwrap();
+        let want1: Vec<f32> = acc0.iter().zip(&b).map(|(a, g)| a + g.to_f32()).collect();
+        assert_bits(
+            &format!("{what} acc += bf16"),
+            &f_bits(&ex.download(&acc).unwrap()),
+            &f_bits(&want1),
+            f_nan,
+        );
+        accumulate_f32(ex, &xd, &mut acc, threads).unwrap();
+        let want2: Vec<f32> = want1.iter().zip(&x).map(|(a, g)| a + g).collect();
+        assert_bits(
+            &format!("{what} acc += f32"),
+            &f_bits(&ex.download(&acc).unwrap()),
+            &f_bits(&want2),
+            f_nan,
+        );
+    }
+
+    #[test]
+    fn casts_and_adds_are_bit_exact_in_both_modes() {
+        check_flat(&Emu::new(Mode::Fibers), 1037, 96);
+        check_flat(&Emu::new(Mode::Threads), 1037, 64);
+        check_flat(&Emu::new(Mode::Fibers), 15, 256);
+    }
+
+    #[test]
+    fn flat_grid_stride_covers_more_elements_than_the_grid_has_threads() {
+        // 32 threads per block: n exceeds FLAT_MAX_BLOCKS · 32, so threads loop.
+        let n = 200_003;
+        assert!(n > FLAT_MAX_BLOCKS * 32);
+        check_flat(&Emu::new(Mode::Fibers), n, 32);
+    }
+
+    #[test]
+    fn flat_ops_reject_wrong_lengths_and_block_sizes_and_skip_empty_buffers() {
+        let ex = Emu::new(Mode::Fibers);
+        let (x, b) = (
+            ex.upload(&[1.0f32; 5]).unwrap(),
+            ex.upload_bf16(&[1.0; 5]).unwrap(),
+        );
+        let (mut y4, mut f4) = (ex.alloc::<bf16>(4).unwrap(), ex.alloc::<f32>(4).unwrap());
+        let msg = |r: Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        let e = msg(cast_f32_bf16(&ex, &x, &mut y4, 64));
+        assert!(
+            e.contains("cast_f32_bf16") && e.contains("y has 4 elements, expected 5"),
+            "{e}"
+        );
+        let e = msg(cast_bf16_f32(&ex, &b, &mut f4, 64));
+        assert!(e.contains("cast_bf16_f32") && e.contains("y has 4"), "{e}");
+        let e = add_bf16(&ex, &b, &y4, 64)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("add_bf16") && e.contains("b has 4 elements, expected 5"),
+            "{e}"
+        );
+        let e = msg(add_assign_bf16(&ex, &mut y4, &b, 64));
+        assert!(
+            e.contains("add_assign_bf16") && e.contains("b has 5 elements, expected 4"),
+            "{e}"
+        );
+        let e = msg(accumulate_bf16_f32(&ex, &b, &mut f4, 64));
+        assert!(
+            e.contains("accumulate_bf16_f32") && e.contains("acc has 4"),
+            "{e}"
+        );
+        let e = msg(accumulate_f32(&ex, &x, &mut f4, 64));
+        assert!(
+            e.contains("accumulate_f32") && e.contains("acc has 4"),
+            "{e}"
+        );
+        let mut y5 = ex.alloc::<bf16>(5).unwrap();
+        for t in [0, 40, 2048] {
+            let e = msg(cast_f32_bf16(&ex, &x, &mut y5, t));
+            assert!(e.contains("threads per block"), "{e}");
+        }
+        // Empty buffers: nothing to launch, no error.
+        let (e32, mut e16) = (ex.upload::<f32>(&[]).unwrap(), ex.alloc::<bf16>(0).unwrap());
+        cast_f32_bf16(&ex, &e32, &mut e16, 64).unwrap();
+        assert_eq!(add_bf16(&ex, &e16, &e16, 64).unwrap().len(), 0);
+    }
 }

@@ -8,7 +8,7 @@
 //! the lengths must be). Written once, generic over [`Exec`], the contract that `cargo test`
 //! checks on the CPU is the one the GPU executes, instead of a CPU copy that can drift from an
 //! untested GPU copy. The family modules (`sinkhorn`, `softmax_ce`, `norm`, `optim`,
-//! `elementwise`, `mixup`, `augment`) mirror `kernels/<family>.cu`; each also holds its rows of
+//! `elementwise`, `mixup`, `augment`, `pool`) mirror `kernels/<family>.cu`; each also holds its rows of
 //! the device check ([`check`]), which therefore run on the emulation in CI as well.
 //!
 //! Library work (GEMMs, convolutions) is part of [`Exec`] too ([`Exec::gemm`],
@@ -28,6 +28,7 @@ pub mod elementwise;
 pub mod mixup;
 pub mod norm;
 pub mod optim;
+pub mod pool;
 pub mod sinkhorn;
 pub mod softmax_ce;
 

@@ -20,7 +20,8 @@
 //! backward; the backbone in its last pass only), so that the gradient all-reduce can run
 //! while the backward goes on (`dist::overlap`).
 
-use super::resnet::{ResNet, ResNetCache, ResNetConfig};
+use super::backbone::{BackboneCache, BackboneRun, CpuBackbone};
+use super::resnet::{ResNet, ResNetConfig};
 use crate::backend::cpu::elementwise::add_assign;
 use crate::backend::cpu::norm::{l2_normalize_backward, l2_normalize_forward, L2NormalizeCtx};
 use crate::dist::overlap::{GradReady, NoGradSink};
@@ -319,7 +320,7 @@ pub struct SuaveNet {
 /// group, and the head's cache.
 #[derive(Debug)]
 pub struct SuaveCache {
-    groups: Vec<(usize, ResNetCache)>,
+    groups: Vec<(usize, BackboneCache)>,
     head: SuaveHeadCache,
 }
 
@@ -377,6 +378,20 @@ impl SuaveNet {
         training: bool,
         comm: &dyn Communicator,
     ) -> Result<(SuaveOutput, SuaveCache)> {
+        self.forward_on(store, inputs, training, comm, &mut CpuBackbone)
+    }
+
+    /// [`SuaveNet::forward_with`] with the backbone passes run by `runner` (the CPU model, or a
+    /// device); the head runs here either way. Pass the same runner to
+    /// [`SuaveNet::backward_on`].
+    pub fn forward_on(
+        &self,
+        store: &mut ParamStore,
+        inputs: &[Tensor<f32>],
+        training: bool,
+        comm: &dyn Communicator,
+        runner: &mut dyn BackboneRun,
+    ) -> Result<(SuaveOutput, SuaveCache)> {
         let first = inputs
             .first()
             .ok_or_else(|| Error::invalid("SuaveNet::forward", "no inputs"))?;
@@ -401,7 +416,7 @@ impl SuaveNet {
             let parts: Vec<&Tensor<f32>> = inputs[start..end].iter().collect();
             let x = Tensor::cat_batch(&parts)?;
             let rows = x.dim(0);
-            let (f, c) = self.backbone.forward_with(store, x, training, comm)?;
+            let (f, c) = runner.forward(&self.backbone, store, x, training, comm)?;
             groups.push((rows, c));
             feats.push(f);
             start = end;
@@ -453,6 +468,20 @@ impl SuaveNet {
         comm: &dyn Communicator,
         ready: &mut dyn GradReady,
     ) -> Result<()> {
+        self.backward_on(store, cache, grads, comm, ready, &mut CpuBackbone)
+    }
+
+    /// [`SuaveNet::backward_hooked`] with the backbone passes run by `runner` (the one that ran
+    /// the forward).
+    pub fn backward_on(
+        &self,
+        store: &mut ParamStore,
+        cache: SuaveCache,
+        grads: SuaveGrads<'_>,
+        comm: &dyn Communicator,
+        ready: &mut dyn GradReady,
+        runner: &mut dyn BackboneRun,
+    ) -> Result<()> {
         let df = self
             .head
             .backward_hooked(store, cache.head, grads, comm, ready)?;
@@ -460,7 +489,7 @@ impl SuaveNet {
         let parts = df.split_batch(&rows)?;
         for (i, ((_, c), d)) in cache.groups.into_iter().zip(parts).enumerate().rev() {
             let hook = if i == 0 { Some(&mut *ready) } else { None };
-            self.backbone.backward_hooked(store, c, &d, comm, hook)?;
+            runner.backward(&self.backbone, store, c, &d, comm, hook)?;
         }
         Ok(())
     }

@@ -50,7 +50,7 @@ pub struct TrainArgs {
     /// Initial weights: an official SwAV/DINO .pth, `sdengine import` output, or a run's final.safetensors.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// cpu, cuda or auto.
+    /// Where the backbone trains: auto (a GPU when present), cuda, cpu, or emu (the device code on the CPU emulation: slow, checks the GPU path without a GPU). Suave only; Daino runs on the CPU.
     #[arg(long)]
     pub device: Option<String>,
     /// Seed of every random draw.

@@ -621,10 +621,10 @@ impl TrainConfig {
                 "workers, log-every and eval-every must be at least 1".into(),
             );
         }
-        if !["cpu", "cuda", "auto"].contains(&self.device.as_str()) {
+        if !["cpu", "cuda", "emu", "auto"].contains(&self.device.as_str()) {
             return bad(
                 "--device",
-                format!("{:?}: use cpu, cuda or auto", self.device),
+                format!("{:?}: use cpu, cuda, emu or auto", self.device),
             );
         }
         Ok(())

@@ -489,6 +489,58 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Result<R
     }
 }
 
+/// Where the training passes run, from `--device` (DESIGN: one binary that uses what the
+/// machine has): Suave's backbone on the GPU (`cuda`, or `auto` when one is present; the rank's
+/// GPU is `LOCAL_RANK % devices`) or on the CPU emulation of the device path (`emu`: the same
+/// device code, slow, for checking it without a GPU); the rest of the step on the CPU. Daino's
+/// ViT has no device path yet: `auto` keeps it on the CPU, `cuda` / `emu` refuse. Returns the
+/// line the log prints.
+fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<String> {
+    use crate::backend::device::{Emu, Mode};
+    use crate::models::backbone::BackboneRun;
+    use crate::models::device::DeviceBackbone;
+    let want = cfg.device.as_str();
+    let gpu = want == "cuda" || (want == "auto" && crate::backend::cuda::gpu_available());
+    let suave = match state {
+        MethodState::Suave(s) => s,
+        MethodState::Daino(_) => {
+            if want == "cuda" || want == "emu" {
+                return Err(Error::invalid(
+                    "--device",
+                    format!("{want}: only Suave's ResNet backbone runs on the device so far; Daino (ViT) trains with --device cpu"),
+                ));
+            }
+            return Ok(if gpu {
+                "device: cpu (a GPU is present, but Daino's ViT has no device path yet)".into()
+            } else {
+                "device: cpu".into()
+            });
+        }
+    };
+    if want == "emu" {
+        let runner = DeviceBackbone::new(Emu::new(Mode::Fibers));
+        let line = format!(
+            "device: backbone on the {}, the rest on the CPU",
+            runner.describe()
+        );
+        suave.backbone = Box::new(runner);
+        return Ok(line);
+    }
+    if !gpu {
+        return Ok("device: cpu".into());
+    }
+    let count = crate::backend::cuda::probe().devices.len();
+    let ordinal = crate::dist::env::DistEnv::from_env()?.device_index(count)?;
+    let g = crate::backend::cuda::Gpu::new(ordinal)?;
+    let runner = DeviceBackbone::new(g);
+    let line = format!(
+        "device: backbone on {}, the rest on the CPU",
+        runner.describe()
+    );
+    suave.backbone = Box::new(runner);
+    Ok(line)
+}
+
 /// [`train`] as one rank of `comm` (every rank calls it with the same configuration; the tests
 /// run the ranks of a [`LocalGroup`](crate::dist::LocalGroup) on threads). Rank 0 writes the
 /// run folder and reports; the summary of every rank holds the averaged training metrics, rank
@@ -500,12 +552,6 @@ pub fn train_with(
     comm: &dyn Communicator,
 ) -> Result<RunSummary> {
     cfg.validate()?;
-    if cfg.device == "cuda" {
-        return Err(Error::invalid(
-            "--device",
-            "training on CUDA is not wired into the trainer yet (the CUDA kernels and runtime are checked by `sdengine device-check`); use --device cpu or auto",
-        ));
-    }
     let world = comm.world_size();
     let rank = comm.rank();
     let lead = rank == 0;
@@ -603,6 +649,8 @@ pub fn train_with(
     } else {
         MethodState::Daino(Box::new(DainoState::new(&cfg, iters, world)?))
     };
+    let placed = place_backbone(&cfg, &mut state);
+    let placement = agree(comm, placed)?;
     let (mut epoch, mut batch, mut step, mut epoch_metrics) = (0, 0, 0, StepMetrics::default());
     if let Some((pos, tensors)) = &resumed {
         let restored = checkpoint::restore_rank(&ckpt_path, &mut state, pos, tensors, rank, world);
@@ -684,11 +732,7 @@ pub fn train_with(
             iters,
             cfg.arch.name()
         );
-        if cfg.device == "auto" && crate::backend::cuda::gpu_available() {
-            eprintln!(
-                "note: a GPU is present, but the trainer runs on the CPU: the CUDA training path is not built yet (its kernels are checked by `sdengine device-check`)"
-            );
-        }
+        eprintln!("{placement}");
     }
     'epochs: while epoch < cfg.epochs {
         let mut unlab_loader = if cfg.method == Method::Supervised {

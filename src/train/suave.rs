@@ -29,6 +29,7 @@ use crate::methods::sinkhorn::SinkhornParams;
 use crate::methods::suave_loss::{
     suave_codes, suave_loss, Labelled, Mixed, MixedCount, SuaveConfig,
 };
+use crate::models::backbone::{BackboneRun, CpuBackbone};
 use crate::models::suave_head::{SuaveGrads, SuaveHeadConfig, SuaveNet, ONLINE_HEADS};
 use crate::nn::ParamStore;
 use crate::optim::lars::Lars;
@@ -47,6 +48,8 @@ pub struct SuaveState {
     pub queue: Option<Queue>,
     /// How the gradients are averaged over the ranks (overlapped with the backward or after).
     pub grad_sync: GradSync,
+    /// Where the backbone's training passes run (the CPU model unless a device is chosen).
+    pub backbone: Box<dyn BackboneRun>,
     lr: CosineSchedule,
     loss_cfg: SuaveConfig,
     supervised: bool,
@@ -136,6 +139,7 @@ impl SuaveState {
             lars: Lars::new(cfg.weight_decay as f32),
             queue,
             grad_sync: GradSync::new(cfg.overlap_grad_reduce),
+            backbone: Box::new(CpuBackbone),
             lr,
             loss_cfg,
             supervised,
@@ -193,9 +197,9 @@ impl SuaveState {
                 }
             }
         }
-        let (out, cache) = self
-            .net
-            .forward_with(&mut self.store, &inputs, true, comm)?;
+        let (out, cache) =
+            self.net
+                .forward_on(&mut self.store, &inputs, true, comm, self.backbone.as_mut())?;
         if out.scores.dim(0) != layout.total() {
             return Err(Error::shape(
                 OP,
@@ -350,6 +354,7 @@ impl SuaveState {
         // gradients is the gradient of the global-batch loss; it is all-reduced bucket by
         // bucket while the backward runs (or after it, without overlap).
         let net = &self.net;
+        let runner = self.backbone.as_mut();
         self.grad_sync
             .backward(&mut self.store, comm, |store, comm, ready| {
                 let grads = SuaveGrads {
@@ -357,7 +362,7 @@ impl SuaveState {
                     embedding: None,
                     online: online_refs,
                 };
-                net.backward_hooked(store, cache, grads, comm, ready)
+                net.backward_on(store, cache, grads, comm, ready, runner)
             })?;
         let lr = self.lr.at(it)?;
         let proto = self.net.head.prototypes.weight;

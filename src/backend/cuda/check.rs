@@ -56,6 +56,8 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     jpeg_rows(&mut c);
     alloc_rows(&mut c);
     kernel_rows(&mut c);
+    // Whole-model rows last: they use the ops every row above checked one by one.
+    crate::models::device::verify::check_rows(&mut c);
     let (bytes_per_ms, flops_per_ms) = (c.bytes_per_ms, c.flops_per_ms);
     let rows = c.into_rows();
     let stats: AllocStats = gpu.alloc_stats();

@@ -334,16 +334,22 @@ pub fn kernel_rows<E: Exec>(c: &mut Checker<'_, E>) {
 /// The check's kernel rows on the CPU emulation (`sdengine device-check --emu`): the same
 /// device ops, arguments, shapes, references and tolerances as on the GPU, so that a GPU run is
 /// rehearsed on any machine. Times are CPU wall-clock times of the emulation (no floors: they
-/// say nothing about a GPU); the GPU-only rows (libraries, ceilings) are absent.
+/// say nothing about a GPU); the GEMM and convolution rows run the CPU backend in place of
+/// cuBLASLt / cuDNN, then the device ResNet's rows (`models::device::verify`); the GPU-only
+/// rows (ceilings, runtime, nvJPEG, allocator) are absent.
 pub fn run_emu_check(opts: &CheckOptions, mode: super::Mode) -> Result<CheckReport> {
     let emu = super::Emu::new(mode);
     let mut c = Checker::new(&emu, opts);
+    super::blas::check_rows(&mut c);
     kernel_rows(&mut c);
+    crate::models::device::verify::check_rows(&mut c);
     let rows = c.into_rows();
     let passed = rows.iter().all(|r| r.passed);
     Ok(CheckReport {
         device: emu.describe(),
-        libraries: "none (CPU emulation: cuBLASLt, cuDNN and nvJPEG rows need a GPU)\n".into(),
+        libraries:
+            "none (CPU emulation: GEMM and conv rows run the CPU backend; nvJPEG rows need a GPU)\n"
+                .into(),
         kernel_compiler: "g++ with kernels/emu/cuda_emu.h".into(),
         copy_gbps: 0.0,
         gemm_tflops: 0.0,

@@ -198,3 +198,47 @@ fn unknown_flags_and_values_are_rejected_before_any_work() {
     assert!(r.status.success());
     assert!(String::from_utf8_lossy(&r.stdout).contains("threads"));
 }
+
+/// `--device`: a value that is not a device, Daino asked onto the device (its ViT has no device
+/// path yet) and `cuda` on a machine without a GPU are clear errors before any training; `emu`
+/// trains Suave with the backbone on the emulated device and says so.
+#[test]
+fn device_choices_are_checked_and_emu_trains() {
+    let out = tmp_dir("device_choices");
+    let o = out.to_string_lossy().to_string();
+    let run = |method: &str, device: &str| {
+        sdengine(&[
+            "train",
+            "--method",
+            method,
+            "--device",
+            device,
+            "--output",
+            &o,
+            "--force",
+            "--max-steps",
+            "2",
+            "--log-every",
+            "1",
+        ])
+    };
+    let r = run("suave", "tpu");
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("use cpu, cuda, emu or auto"));
+    let r = run("daino", "emu");
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("Daino (ViT) trains with --device cpu"));
+    if !sdengine::backend::cuda::gpu_available() {
+        let r = run("suave", "cuda");
+        assert!(!r.status.success());
+        assert!(String::from_utf8_lossy(&r.stderr).contains("no usable GPU"));
+    } else {
+        println!("SKIP: the no-GPU error of --device cuda (this machine has a GPU)");
+    }
+    let r = run("suave", "emu");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("backbone on the CPU emulation"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    assert!(metrics.contains("train_loss"), "{metrics}");
+}

@@ -529,6 +529,18 @@ fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<String> 
     if !gpu {
         return Ok("device: cpu".into());
     }
+    if !crate::backend::cuda::gpu_available() {
+        return Err(Error::invalid(
+            "--device",
+            format!(
+                "cuda: no usable GPU ({}); use --device cpu, or emu to run the device code on the CPU",
+                crate::backend::cuda::probe()
+                    .reason
+                    .as_deref()
+                    .unwrap_or("no CUDA device")
+            ),
+        ));
+    }
     let count = crate::backend::cuda::probe().devices.len();
     let ordinal = crate::dist::env::DistEnv::from_env()?.device_index(count)?;
     let g = crate::backend::cuda::Gpu::new(ordinal)?;

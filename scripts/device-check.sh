@@ -113,8 +113,42 @@ TABLE_OUT=()
 [ -n "${OUT:-}" ] && TABLE_OUT=(--out "$OUT/device_check.txt")
 timeout 150 "$PY" scripts/device_check.py --engine "$JSON" "${TABLE_OUT[@]}" "${PY_ARGS[@]}"
 PRC=$?
-if [ $PRC -ne 0 ] || [ $RC -ne 0 ]; then
+
+# --- a short Suave run with the backbone on the GPU against the same run on the CPU -------------
+# The embedded demo (resnet-tiny, 32/16-px crops), 40 steps each: the losses logged every 10
+# steps must agree within bf16 drift (5e-2); the wall times are what the GPU path gives at this
+# toy size (transfers and launches dominate; the backbone rows above are the real figures).
+TRC=0
+for dev in cuda cpu; do
+  T0=$(date +%s%N)
+  timeout 120 "$BIN" train --method suave --device "$dev" --output "$TMP/train_$dev" --force \
+    --max-steps 40 --log-every 10 >"$TMP/train_$dev.txt" 2>&1 || TRC=1
+  T1=$(date +%s%N)
+  echo "train --device $dev: $(grep -m1 '^device:' "$TMP/train_$dev.txt"); 40 steps in $(( (T1 - T0) / 1000000 )) ms" >&2
+  if [ -n "${OUT:-}" ]; then
+    cp "$TMP/train_$dev.txt" "$OUT/train_$dev.txt"
+    cp "$TMP/train_$dev/metrics.jsonl" "$OUT/train_${dev}_metrics.jsonl" 2>/dev/null
+  fi
+done
+if [ $TRC -eq 0 ]; then
+  "$PY" - "$TMP/train_cuda/metrics.jsonl" "$TMP/train_cpu/metrics.jsonl" <<'PYEOF' || TRC=1
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+worst = 0.0
+for x, y in zip(a, b):
+    e = abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"])
+    worst = max(worst, e) if e == e else float("inf")
+    print(f"step {x['step']:3d}: train_loss cuda {x['train_loss']:.4f} cpu {y['train_loss']:.4f} (rel {e:.1e})", file=sys.stderr)
+ok = len(a) == len(b) >= 1 and worst <= 5e-2
+print(f"suave on the GPU vs the CPU: {'ok' if ok else 'FAIL'} (worst rel {worst:.1e}, tolerance 5e-2)", file=sys.stderr)
+sys.exit(0 if ok else 1)
+PYEOF
+else
+  tail -3 "$TMP/train_cuda.txt" "$TMP/train_cpu.txt" >&2
+fi
+
+if [ $PRC -ne 0 ] || [ $RC -ne 0 ] || [ $TRC -ne 0 ]; then
   grep -E "^error|FAIL" "$TMP/engine.txt" | tail -5 >&2
-  fail "engine exit $RC, table exit $PRC"
+  fail "engine exit $RC, table exit $PRC, training comparison exit $TRC"
 fi
 echo "device-check: PASS" >&2

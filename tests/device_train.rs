@@ -13,7 +13,7 @@ use sdengine::backend::device::{Emu, Mode};
 use sdengine::data::mixup::MixParams;
 use sdengine::data::Batch;
 use sdengine::dist::overlap::GradReady;
-use sdengine::dist::SingleProcess;
+use sdengine::dist::{Communicator, LocalGroup, SingleProcess};
 use sdengine::models::backbone::{BackboneCache, BackboneRun};
 use sdengine::models::device::DeviceBackbone;
 use sdengine::models::resnet::{ResNet, ResNetConfig};
@@ -235,5 +235,103 @@ fn the_device_follows_the_store_between_steps() {
             .iter()
             .all(|v| v.is_finite())));
         store.zero_grads();
+    }
+}
+
+/// SyncBatchNorm on the device: two in-process ranks, each with half of a batch on its own
+/// emulated device, give the single rank's features and running statistics on the whole batch,
+/// and their parameter gradients add up to the single rank's (the loss here is a sum over rows).
+///
+/// Every batch norm's shift β is set to 10 so that no ReLU input is near zero: the two runs sum
+/// the statistics in a different order, and in bf16 that last-bit difference would flip a few
+/// ReLU masks and move zero-mean gradient sums by several percent (see `models::device::verify`),
+/// hiding what this test is about — whether dx uses the sums of every rank. (The stem's
+/// max-pool can still route a gradient to a different pixel of a near tie: measured worst
+/// 1.2e-2, at bn1.weight.)
+#[test]
+fn two_device_ranks_equal_one_on_the_whole_batch() {
+    let mut store = ParamStore::new();
+    let net = ResNet::new(&mut store, ResNetConfig::tiny(), 6).unwrap();
+    let shifts: Vec<ParamId> = store
+        .entries()
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.name.ends_with(".bias") && e.value.rank() == 1)
+        .map(|(i, _)| ParamId(i))
+        .collect();
+    assert_eq!(
+        shifts.len(),
+        1 + 4 * 4,
+        "one shift per batch norm of resnet-tiny"
+    );
+    for id in shifts {
+        store.value_mut(id).data_mut().fill(10.0);
+    }
+    let (rows, side) = (8, 64);
+    let x = image(0, "sync", rows, side);
+    let d = Tensor::randn_named(SEED, "sync.d", &[rows, net.feature_dim()], 1.0);
+    let half = |t: &Tensor<f32>, r: usize| {
+        let per = t.numel() / 2;
+        let mut shape = t.shape().to_vec();
+        shape[0] /= 2;
+        Tensor::from_vec(t.data()[r * per..(r + 1) * per].to_vec(), &shape).unwrap()
+    };
+    let pass = |store: &mut ParamStore, x: Tensor<f32>, d: Tensor<f32>, comm: &dyn Communicator| {
+        let mut runner = DeviceBackbone::new(Emu::new(Mode::Fibers));
+        let (f, cache) = runner.forward(&net, store, x, true, comm).unwrap();
+        let mut heard = Count(Vec::new());
+        runner
+            .backward(&net, store, cache, &d, comm, Some(&mut heard))
+            .unwrap();
+        f
+    };
+    let mut one = store.clone();
+    let f1 = pass(&mut one, x.clone(), d.clone(), &SingleProcess);
+    let ranks = LocalGroup::new(2).unwrap();
+    let results: Vec<(Tensor<f32>, ParamStore)> = std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .iter()
+            .map(|g| {
+                let (xr, dr, mut st) = (half(&x, g.rank()), half(&d, g.rank()), store.clone());
+                let pass = &pass;
+                s.spawn(move || {
+                    let f = pass(&mut st, xr, dr, g as &dyn Communicator);
+                    (f, st)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let both: Vec<f32> = results
+        .iter()
+        .flat_map(|(f, _)| f.data().to_vec())
+        .collect();
+    let e = rel_l2(&both, f1.data());
+    assert!(e <= 1e-2, "features rel {e:.2e}");
+    // The error of the summed gradient relative to the size of what is summed (‖g₀‖ + ‖g₁‖):
+    // a batch-norm shift right after another batch norm has a true gradient of ~0 (the sum of a
+    // gradient from which batch norm removed the mean), which the halves cancel to.
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    for id in store.trainable() {
+        let (g0, g1) = (results[0].1.grad(id).data(), results[1].1.grad(id).data());
+        let diff: Vec<f32> = g0
+            .iter()
+            .zip(g1)
+            .zip(one.grad(id).data())
+            .map(|((a, b), w)| a + b - w)
+            .collect();
+        let e = norm(&diff) / (norm(g0) + norm(g1));
+        assert!(
+            e <= 2e-2,
+            "{}: summed gradient error {e:.2e}",
+            store.entry(id).name
+        );
+    }
+    for (r, (_, st)) in results.iter().enumerate() {
+        for e in st.entries().iter().filter(|e| e.name.contains("running_")) {
+            let want = one.value(one.id(&e.name).unwrap());
+            let err = rel_l2(e.value.data(), want.data());
+            assert!(err <= 1e-2, "rank {r} {}: rel {err:.2e}", e.name);
+        }
     }
 }

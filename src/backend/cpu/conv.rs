@@ -142,26 +142,27 @@ impl Geom {
 }
 
 /// Checks input, weight and parameters and derives the output size.
-fn geometry<T: Float>(
-    op: &'static str,
-    x: &Tensor<T>,
-    w: &Tensor<T>,
-    p: Conv2dParams,
-) -> Result<Geom> {
-    x.expect_rank(op, "input (NHWC)", 4)?;
-    w.expect_rank(op, "weight (O×KH×KW×I)", 4)?;
+fn geometry(op: &'static str, xs: &[usize], ws: &[usize], p: Conv2dParams) -> Result<Geom> {
+    for (what, shape) in [("input (NHWC)", xs), ("weight (O×KH×KW×I)", ws)] {
+        if shape.len() != 4 {
+            return Err(Error::shape(
+                op,
+                format!("{what} has shape {shape:?}, expected 4 dimensions"),
+            ));
+        }
+    }
     if p.stride == 0 {
         return Err(Error::invalid(op, "stride must be at least 1"));
     }
-    let (n, h, wd, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (o, kh, kw, wc) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
+    let (n, h, wd, c) = (xs[0], xs[1], xs[2], xs[3]);
+    let (o, kh, kw, wc) = (ws[0], ws[1], ws[2], ws[3]);
     if wc != c || [h, wd, c, o, kh, kw].contains(&0) {
         return Err(Error::shape(
             op,
             format!(
                 "input {:?} (NHWC) and weight {:?} (O×KH×KW×I): the weight's last dimension must equal the input's channels, and every size but the batch must be ≥ 1",
-                x.shape(),
-                w.shape()
+                xs,
+                ws
             ),
         ));
     }
@@ -170,9 +171,7 @@ fn geometry<T: Float>(
             op,
             format!(
                 "input {:?} with padding {} is smaller than the kernel {kh}x{kw} of weight {:?}",
-                x.shape(),
-                p.padding,
-                w.shape()
+                xs, p.padding, ws
             ),
         ));
     }
@@ -308,7 +307,7 @@ fn forward_tuned<T: Float>(
     tu: Tuning,
 ) -> Result<Tensor<T>> {
     const OP: &str = "conv2d_forward";
-    let g = geometry(OP, x, w, p)?;
+    let g = geometry(OP, x.shape(), w.shape(), p)?;
     if let Some(b) = bias {
         b.expect_shape(OP, "bias", &[g.o])?;
     }
@@ -403,6 +402,21 @@ pub fn conv2d_backward<T: Float>(
     backward_tuned(x, w, dy, p, need_dx, need_db, TUNING)
 }
 
+/// The input gradient alone, `dx [N, H, W, C]` of an input of shape `x_shape`, from `dy` and
+/// the weight (the input's values are not needed): what a library's backward-data call
+/// computes, for the device emulation.
+pub fn conv2d_backward_data<T: Float>(
+    x_shape: &[usize],
+    w: &Tensor<T>,
+    dy: &Tensor<T>,
+    p: Conv2dParams,
+) -> Result<Tensor<T>> {
+    const OP: &str = "conv2d_backward_data";
+    let g = geometry(OP, x_shape, w.shape(), p)?;
+    dy.expect_shape(OP, "dy", &[g.n, g.oh, g.ow, g.o])?;
+    Tensor::from_vec(input_grad(w.data(), dy.data(), &g, TUNING), x_shape)
+}
+
 /// [`conv2d_backward`] with explicit buffer sizes.
 fn backward_tuned<T: Float>(
     x: &Tensor<T>,
@@ -414,7 +428,7 @@ fn backward_tuned<T: Float>(
     tu: Tuning,
 ) -> Result<Conv2dGrads<T>> {
     const OP: &str = "conv2d_backward";
-    let g = geometry(OP, x, w, p)?;
+    let g = geometry(OP, x.shape(), w.shape(), p)?;
     dy.expect_shape(OP, "dy", &[g.n, g.oh, g.ow, g.o])?;
     let db = if need_db {
         Some(Tensor::from_vec(bias_grad(dy.data(), g.o), &[g.o])?)
@@ -602,7 +616,7 @@ mod tests {
         b: Option<&Tensor<f64>>,
         p: Conv2dParams,
     ) -> Tensor<f64> {
-        let g = geometry("naive", x, w, p).unwrap();
+        let g = geometry("naive", x.shape(), w.shape(), p).unwrap();
         let mut y = Tensor::zeros(&[g.n, g.oh, g.ow, g.o]);
         let (xd, wd) = (x.data(), w.data());
         for n in 0..g.n {
@@ -762,6 +776,22 @@ mod tests {
         let g = conv2d_backward(&x, &w, &dy, p, false, false).unwrap();
         assert!(g.dx.is_none() && g.db.is_none());
         assert_eq!(g.dw.shape(), w.shape());
+    }
+
+    #[test]
+    fn backward_data_alone_is_the_full_backwards_dx() {
+        let p = Conv2dParams {
+            stride: 2,
+            padding: 3,
+        };
+        let x = randn64(4, "x", &[2, 9, 11, 3]);
+        let w = randn64(4, "w", &[5, 7, 7, 3]);
+        let dy = randn64(4, "dy", &[2, 5, 6, 5]);
+        let full = conv2d_backward(&x, &w, &dy, p, true, false).unwrap();
+        let dx = conv2d_backward_data(x.shape(), &w, &dy, p).unwrap();
+        assert_eq!(Some(dx), full.dx);
+        assert!(conv2d_backward_data(&[2, 9, 11], &w, &dy, p).is_err());
+        assert!(conv2d_backward_data(x.shape(), &w, &randn64(4, "d", &[2, 5, 5, 5]), p).is_err());
     }
 
     #[test]

@@ -22,10 +22,8 @@
 //! CPU backend's and the own kernels' GELU is the exact erf form, within 4.8e-4 absolute of it.
 //!
 //! Convolutions: NHWC activations, KRSC (`[o, kh, kw, c]`) weights, bf16 in and out, fp32
-//! accumulation. On the emulation the backward-data pass runs `conv2d_backward` with a zero
-//! input and keeps only `dx` (the CPU backend has no data-only path), so it also computes a
-//! weight gradient it throws away (about twice the work); the emulation is for correctness,
-//! not speed.
+//! accumulation. On the emulation each direction is the CPU backend's own pass
+//! (`conv2d_forward`, `conv2d_backward_data`, `conv2d_backward` without dx).
 //!
 //! [`check_rows`] holds the GEMM and convolution rows of the device check (groups `gemm`,
 //! `conv`): ViT-S/16's linear layers and ResNet-50's convolution kinds against the CPU backend.
@@ -479,8 +477,8 @@ pub(super) fn emu_conv_forward(
     ex.upload_into(&narrow(out.data()), y)
 }
 
-/// [`Exec::conv_backward_data`] on the emulation (`conv2d_backward` with a zero input: only
-/// `dx` is kept, and `dx` does not depend on the input).
+/// [`Exec::conv_backward_data`] on the emulation (`conv2d_backward_data`: the input gradient
+/// alone).
 pub(super) fn emu_conv_backward_data(
     ex: &Emu,
     s: &ConvShape,
@@ -489,17 +487,12 @@ pub(super) fn emu_conv_backward_data(
     dx: &mut HostBuf<bf16>,
 ) -> Result<()> {
     s.check_backward_data(OP_CONV_BACKWARD_DATA, w.len(), dy.len(), dx.len())?;
-    let g = cpu::conv::conv2d_backward(
-        &Tensor::zeros(&s.x_dims()),
+    let d = cpu::conv::conv2d_backward_data(
+        &s.x_dims(),
         &tensor(w, &s.w_dims())?,
         &tensor(dy, &s.y_dims()?)?,
         params(s),
-        true,
-        false,
     )?;
-    let d = g
-        .dx
-        .ok_or_else(|| Error::invalid(OP_CONV_BACKWARD_DATA, "the CPU backend returned no dx"))?;
     ex.upload_into(&narrow(d.data()), dx)
 }
 

@@ -97,11 +97,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 # --- engine half -------------------------------------------------------------------------------
 JSON="$TMP/engine.json"
-timeout 330 "$BIN" device-check --json "$JSON" "${ENGINE_ARGS[@]}" >"$TMP/engine.txt" 2>&1
+timeout 300 "$BIN" device-check --json "$JSON" "${ENGINE_ARGS[@]}" >"$TMP/engine.txt" 2>&1
 RC=$?
 if [ ! -s "$JSON" ]; then
   cat "$TMP/engine.txt"
-  [ $RC -eq 124 ] && fail "the engine's check ran past 5.5 minutes"
+  [ $RC -eq 124 ] && fail "the engine's check ran past 5 minutes"
   fail "the engine's GPU check did not run (exit $RC); its output is above"
 fi
 if [ -n "${OUT:-}" ]; then
@@ -111,7 +111,7 @@ fi
 # --- PyTorch half and the one table -------------------------------------------------------------
 TABLE_OUT=()
 [ -n "${OUT:-}" ] && TABLE_OUT=(--out "$OUT/device_check.txt")
-timeout 150 "$PY" scripts/device_check.py --engine "$JSON" "${TABLE_OUT[@]}" "${PY_ARGS[@]}"
+timeout 120 "$PY" scripts/device_check.py --engine "$JSON" "${TABLE_OUT[@]}" "${PY_ARGS[@]}"
 PRC=$?
 
 # --- a short Suave run with the backbone on the GPU against the same run on the CPU -------------
@@ -121,7 +121,7 @@ PRC=$?
 TRC=0
 for dev in cuda cpu; do
   T0=$(date +%s%N)
-  timeout 120 "$BIN" train --method suave --device "$dev" --output "$TMP/train_$dev" --force \
+  timeout 60 "$BIN" train --method suave --device "$dev" --output "$TMP/train_$dev" --force \
     --max-steps 40 --log-every 10 >"$TMP/train_$dev.txt" 2>&1 || TRC=1
   T1=$(date +%s%N)
   echo "train --device $dev: $(grep -m1 '^device:' "$TMP/train_$dev.txt"); 40 steps in $(( (T1 - T0) / 1000000 )) ms" >&2

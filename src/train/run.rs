@@ -77,7 +77,9 @@ const METRICS: &str = "metrics.jsonl";
 const FINAL: &str = "final.safetensors";
 const SUMMARY: &str = "summary.json";
 
-/// Settings a resumed run may change: they do not alter the numbers.
+/// Settings a resumed run may change: they do not alter the recipe. (All but `device` leave the
+/// numbers bit-identical; `device` moves the backbone between the f32 CPU model and the bf16
+/// device path, which the log states at every start.)
 const RESUME_MAY_CHANGE: [&str; 7] = [
     "max_steps",
     "overlap_grad_reduce",
@@ -495,12 +497,13 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions, stop: &AtomicBool) -> Result<R
 /// device code, slow, for checking it without a GPU); the rest of the step on the CPU. Daino's
 /// ViT has no device path yet: `auto` keeps it on the CPU, `cuda` / `emu` refuse. Returns the
 /// line the log prints.
-fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<String> {
+fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<(String, bool)> {
     use crate::backend::device::{Emu, Mode};
     use crate::models::backbone::BackboneRun;
     use crate::models::device::DeviceBackbone;
     let want = cfg.device.as_str();
-    let gpu = want == "cuda" || (want == "auto" && crate::backend::cuda::gpu_available());
+    let present = crate::backend::cuda::gpu_available();
+    let cpu = |why: &str| Ok((format!("device: cpu{why}"), false));
     let suave = match state {
         MethodState::Suave(s) => s,
         MethodState::Daino(_) => {
@@ -510,11 +513,11 @@ fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<String> 
                     format!("{want}: only Suave's ResNet backbone runs on the device so far; Daino (ViT) trains with --device cpu"),
                 ));
             }
-            return Ok(if gpu {
-                "device: cpu (a GPU is present, but Daino's ViT has no device path yet)".into()
+            return if want == "auto" && present {
+                cpu(" (a GPU is present, but Daino's ViT has no device path yet)")
             } else {
-                "device: cpu".into()
-            });
+                cpu("")
+            };
         }
     };
     if want == "emu" {
@@ -524,33 +527,81 @@ fn place_backbone(cfg: &TrainConfig, state: &mut MethodState) -> Result<String> 
             runner.describe()
         );
         suave.backbone = Box::new(runner);
-        return Ok(line);
+        return Ok((line, true));
     }
-    if !gpu {
-        return Ok("device: cpu".into());
+    if want == "cpu" || (want == "auto" && !present) {
+        return cpu("");
     }
-    if !crate::backend::cuda::gpu_available() {
-        return Err(Error::invalid(
+    match open_training_gpu() {
+        Ok(g) => {
+            let runner = DeviceBackbone::new(g);
+            let line = format!(
+                "device: backbone on {}, the rest on the CPU",
+                runner.describe()
+            );
+            suave.backbone = Box::new(runner);
+            Ok((line, true))
+        }
+        // `auto` falls back to the CPU rather than failing a run that worked before.
+        Err(e) if want == "auto" => cpu(&format!(
+            " (a GPU is present but not usable for training: {e})"
+        )),
+        Err(e) => Err(Error::invalid(
             "--device",
+            format!("cuda: {e}; use --device cpu, or emu to run the device code on the CPU"),
+        )),
+    }
+}
+
+/// This rank's GPU (`LOCAL_RANK % devices`), checked for what training needs before the first
+/// step rather than at its first convolution: a context, cuDNN, and the engine's kernels (one
+/// launched and waited for, which also compiles them where the binary carries sources only).
+fn open_training_gpu() -> Result<crate::backend::cuda::Gpu> {
+    use crate::backend::cuda::{gpu_available, probe, Gpu};
+    use crate::backend::device::elementwise;
+    if !gpu_available() {
+        return Err(Error::invalid(
+            "cuda",
             format!(
-                "cuda: no usable GPU ({}); use --device cpu, or emu to run the device code on the CPU",
-                crate::backend::cuda::probe()
-                    .reason
-                    .as_deref()
-                    .unwrap_or("no CUDA device")
+                "no usable GPU ({})",
+                probe().reason.as_deref().unwrap_or("no CUDA device")
             ),
         ));
     }
-    let count = crate::backend::cuda::probe().devices.len();
-    let ordinal = crate::dist::env::DistEnv::from_env()?.device_index(count)?;
-    let g = crate::backend::cuda::Gpu::new(ordinal)?;
-    let runner = DeviceBackbone::new(g);
-    let line = format!(
-        "device: backbone on {}, the rest on the CPU",
-        runner.describe()
-    );
-    suave.backbone = Box::new(runner);
-    Ok(line)
+    let ordinal = DistEnv::from_env()?.device_index(probe().devices.len())?;
+    let g = Gpu::new(ordinal)?;
+    g.dnn()?;
+    let x = g.upload(&[1.5f32])?;
+    let mut y = g.alloc::<half::bf16>(1)?;
+    elementwise::cast_f32_bf16(&g, &x, &mut y, elementwise::THREADS)?;
+    if g.download(&y)? != [half::bf16::from_f32(1.5)] {
+        return Err(Error::invalid(
+            "cuda",
+            "the engine's kernels gave a wrong result on a one-element smoke test",
+        ));
+    }
+    Ok(g)
+}
+
+/// Every rank must place the backbone the same way: with several ranks each batch norm is a
+/// collective, and the CPU model and the device path run them in the same order but at
+/// different precisions. Errors on every rank when the ranks disagree (e.g. `auto` on nodes
+/// with and without a usable GPU).
+fn agree_placement(comm: &dyn Communicator, on_device: bool) -> Result<()> {
+    let world = comm.world_size();
+    if world <= 1 {
+        return Ok(());
+    }
+    let mut n = [f64::from(u8::from(on_device))];
+    comm.all_reduce_sum_f64(&mut n)?;
+    let k = n[0].round() as usize;
+    if k != 0 && k != world {
+        return Err(Error::invalid(
+            "--device",
+            format!("{k} of {world} ranks put the backbone on a device and the others on the CPU; pass the same --device cuda or cpu to every rank"),
+        ));
+    }
+    Ok(())
 }
 
 /// [`train`] as one rank of `comm` (every rank calls it with the same configuration; the tests
@@ -662,7 +713,8 @@ pub fn train_with(
         MethodState::Daino(Box::new(DainoState::new(&cfg, iters, world)?))
     };
     let placed = place_backbone(&cfg, &mut state);
-    let placement = agree(comm, placed)?;
+    let (placement, on_device) = agree(comm, placed)?;
+    agree_placement(comm, on_device)?;
     let (mut epoch, mut batch, mut step, mut epoch_metrics) = (0, 0, 0, StepMetrics::default());
     if let Some((pos, tensors)) = &resumed {
         let restored = checkpoint::restore_rank(&ckpt_path, &mut state, pos, tensors, rank, world);
@@ -951,4 +1003,32 @@ pub fn evaluate_run(run: &Path, data: Option<&Path>) -> Result<BTreeMap<String, 
     checkpoint::restore_rank(&ckpt, &mut state, &pos, &tensors, 0, pos.world_size)?;
     let bad = Arc::new(BadInput::default());
     evaluate(&mut state, &cfg, &Arc::new(val), &bad, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::LocalGroup;
+
+    fn on_two_ranks(device: [bool; 2]) -> Vec<Result<()>> {
+        let ranks = LocalGroup::new(2).unwrap();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ranks
+                .iter()
+                .map(|g| s.spawn(move || agree_placement(g, device[g.rank()])))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn ranks_must_agree_on_where_the_backbone_runs() {
+        for r in on_two_ranks([true, false]) {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("1 of 2 ranks"), "{e}");
+        }
+        assert!(on_two_ranks([true, true]).iter().all(Result::is_ok));
+        assert!(on_two_ranks([false, false]).iter().all(Result::is_ok));
+        assert!(agree_placement(&SingleProcess, true).is_ok());
+    }
 }

@@ -29,22 +29,23 @@ use half::bf16;
 
 /// Runs training passes of a ResNet backbone on `E` (see the module docs).
 pub struct DeviceBackbone<E: Exec> {
-    ex: E,
     params: Option<DevParams<E>>,
     /// The saved activations of this step's passes, by [`BackboneCache::Device`] slot.
     slots: Vec<Option<ResNetSaved<E>>>,
     /// The store's values changed since they were uploaded (an optimiser step ran).
     stale: bool,
+    /// Declared last: dropped after every buffer it owns the memory of.
+    ex: E,
 }
 
 impl<E: Exec> DeviceBackbone<E> {
     /// A runner on `ex`; the parameters are mirrored at the first training pass.
     pub fn new(ex: E) -> Self {
         DeviceBackbone {
-            ex,
             params: None,
             slots: Vec::new(),
             stale: false,
+            ex,
         }
     }
 

@@ -62,6 +62,15 @@ impl<E: Exec> DevParams<E> {
             let shape = e.value.shape().to_vec();
             let is_param = matches!(e.kind, Kind::Param { .. });
             if shape.is_empty() {
+                if e.kind == (Kind::Param { trainable: true }) {
+                    return Err(Error::invalid(
+                        "DevParams::upload",
+                        format!(
+                            "{} is a trainable scalar; the device mirror keeps scalars on the host without a gradient",
+                            e.name
+                        ),
+                    ));
+                }
                 entries.push(DevEntry {
                     name: e.name.clone(),
                     shape,

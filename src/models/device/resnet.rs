@@ -340,32 +340,28 @@ fn block_forward<E: Exec>(
     xs: Nhwc,
     comm: &dyn Communicator,
 ) -> Result<BlockSaved<E>> {
+    // The downsample first, as the CPU block runs it: with several ranks every batch norm is a
+    // collective, and ranks must reach them in the same order whatever runs each one.
+    let ds = match &blk.downsample {
+        Some((conv, bn)) => {
+            let (cd, sd) = conv_forward(ex, p, conv, x, xs)?;
+            Some((bn_forward(ex, p, bn, cd, sd, None, false, comm)?, sd))
+        }
+        None => None,
+    };
     let (c1, s1) = conv_forward(ex, p, &blk.conv1, x, xs)?;
     let b1 = bn_forward(ex, p, &blk.bn1, c1, s1, None, true, comm)?;
     let (c2, s2) = conv_forward(ex, p, &blk.conv2, &b1.y, s1)?;
     let b2 = bn_forward(ex, p, &blk.bn2, c2, s2, None, true, comm)?;
     let (c3, s3) = conv_forward(ex, p, &blk.conv3, &b2.y, s2)?;
-    let ds = match &blk.downsample {
-        Some((conv, bn)) => {
-            let (cd, sd) = conv_forward(ex, p, conv, x, xs)?;
-            if sd != s3 {
-                return Err(Error::shape(
-                    "device ResNet",
-                    format!("downsample output {sd:?} vs the block's {s3:?}"),
-                ));
-            }
-            Some(bn_forward(ex, p, bn, cd, sd, None, false, comm)?)
-        }
-        None => {
-            if xs != s3 {
-                return Err(Error::shape(
-                    "device ResNet",
-                    format!("identity {xs:?} vs the block's output {s3:?}"),
-                ));
-            }
-            None
-        }
-    };
+    let identity = ds.as_ref().map_or(xs, |(_, sd)| *sd);
+    if identity != s3 {
+        return Err(Error::shape(
+            "device ResNet",
+            format!("identity {identity:?} vs the block's output {s3:?}"),
+        ));
+    }
+    let ds = ds.map(|(d, _)| d);
     // The residual add and the block's last ReLU happen inside bn3's apply.
     let residual = ds.as_ref().map_or(x, |d| &d.y);
     let b3 = bn_forward(ex, p, &blk.bn3, c3, s3, Some(residual), true, comm)?;

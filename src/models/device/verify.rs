@@ -83,7 +83,8 @@ fn rounded(t: &Tensor<f32>) -> Result<Tensor<f32>> {
 fn masked(dy: &Tensor<f32>, y: &Tensor<f32>) -> Tensor<f32> {
     let mut d = dy.clone();
     for (g, &v) in d.data_mut().iter_mut().zip(y.data()) {
-        if v <= 0.0 {
+        // NaN blocks the gradient, as in the kernels and the CPU model.
+        if v.is_nan() || v <= 0.0 {
             *g = 0.0;
         }
     }

@@ -55,6 +55,23 @@ impl<E: Exec> DeviceBackbone<E> {
     }
 }
 
+/// Runs a device pass with a panic inside a binding (cudarc asserts on some library answers, e.g.
+/// cuDNN offering no algorithm for a shape) turned into an error naming the pass, so that the
+/// trainer stops with a message and its last checkpoint rather than a panic trace.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(Error::invalid(
+            "DeviceBackbone",
+            format!("the device {what} pass panicked: {msg}"),
+        ))
+    })
+}
+
 impl<E: Exec> BackboneRun for DeviceBackbone<E> {
     fn describe(&self) -> String {
         self.ex.describe()
@@ -97,7 +114,7 @@ impl<E: Exec> BackboneRun for DeviceBackbone<E> {
             c: x.dim(3),
         };
         let img = ex.upload_bf16(x.data())?;
-        let (f, saved) = resnet::forward(ex, net, p, img, shape, comm)?;
+        let (f, saved) = guarded("forward", || resnet::forward(ex, net, p, img, shape, comm))?;
         let feats = Tensor::from_vec(ex.download_bf16(&f)?, &[shape.n, net.feature_dim()])?;
         let slot = self.slots.len();
         self.slots.push(Some(saved));
@@ -133,7 +150,7 @@ impl<E: Exec> BackboneRun for DeviceBackbone<E> {
         let ex = &self.ex;
         let d: Vec<bf16> = dfeats.data().iter().map(|&v| bf16::from_f32(v)).collect();
         let d = ex.upload(&d)?;
-        resnet::backward(ex, net, p, saved, &d, comm)?;
+        guarded("backward", || resnet::backward(ex, net, p, saved, &d, comm))?;
         let Some(ready) = ready else {
             return Ok(());
         };
@@ -147,5 +164,22 @@ impl<E: Exec> BackboneRun for DeviceBackbone<E> {
             ready.ready(store, &blk.params())?;
         }
         ready.ready(store, &resnet::stem_params(net))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_pass_becomes_an_error() {
+        let e = guarded::<()>("forward", || panic!("no algorithm")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("forward pass panicked: no algorithm"),
+            "{e}"
+        );
+        assert_eq!(guarded("backward", || Ok(3)).unwrap(), 3);
+        assert!(guarded::<()>("backward", || Err(Error::invalid("x", "y"))).is_err());
     }
 }

@@ -47,3 +47,13 @@ impl Error {
         }
     }
 }
+
+/// The message of a caught panic (`catch_unwind`'s payload: a `String` or a `&str`), for the
+/// places that turn a panic inside a library binding into an [`Error`].
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}

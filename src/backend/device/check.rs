@@ -243,11 +243,7 @@ impl<'a, E: Exec> Checker<'a, E> {
         }
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| body(self)))
             .unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let msg = crate::error::panic_message(p.as_ref());
                 Err(Error::invalid("device-check", format!("panicked: {msg}")))
             })
             .and_then(|m| self.dev.synchronize().map(|_| m));

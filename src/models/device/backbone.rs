@@ -60,11 +60,7 @@ impl<E: Exec> DeviceBackbone<E> {
 /// trainer stops with a message and its last checkpoint rather than a panic trace.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let msg = crate::error::panic_message(p.as_ref());
         Err(Error::invalid(
             "DeviceBackbone",
             format!("the device {what} pass panicked: {msg}"),

@@ -482,7 +482,14 @@ fn info() -> Result<()> {
         println!("cpu features used by the GEMM: {}", on.join(" "));
     }
     print!("{}", sdengine::backend::cuda::probe().summary());
-    println!("training runs on the CPU (the trainer does not use the GPU yet)");
+    let p = sdengine::backend::cuda::probe();
+    if p.gpu() && p.cudnn {
+        println!("--device auto: Suave's backbone trains on the GPU (heads, losses, optimiser on the CPU); Daino on the CPU");
+    } else if p.gpu() {
+        println!("--device auto: training runs on the CPU (a GPU is present but cuDNN is not loadable: put pip's nvidia-cudnn on LD_LIBRARY_PATH)");
+    } else {
+        println!("--device auto: training runs on the CPU (--device emu runs the GPU path on the CPU emulation)");
+    }
     Ok(())
 }
 

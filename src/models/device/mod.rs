@@ -257,16 +257,8 @@ impl<E: Exec> DevParams<E> {
     /// Writes every value (parameters, running statistics, counters) back into `store`, which
     /// must be the store this mirror was uploaded from (same names and shapes).
     pub fn download_values(&self, ex: &E, store: &mut ParamStore) -> Result<()> {
-        self.check_store(store)?;
-        for (d, e) in self.entries.iter().zip(store.entries_mut()) {
-            let data = match (&d.value, d.host_scalar) {
-                (Some(v), _) => ex.download(v)?,
-                (None, Some(s)) => vec![s],
-                (None, None) => continue,
-            };
-            e.value.data_mut().copy_from_slice(&data);
-        }
-        Ok(())
+        let all: Vec<ParamId> = (0..self.entries.len()).map(ParamId).collect();
+        self.download_values_of(ex, store, &all)
     }
 
     /// Writes every gradient accumulator into the store's gradients (frozen parameters and

@@ -197,12 +197,18 @@ fn block_input<E: Exec>(saved: &ResNetSaved<E>, i: usize) -> (&E::Buf<bf16>, Nhw
     }
 }
 
+/// A freshly initialised `cfg` ResNet (seed 1), its store, and the store mirrored on `ex`.
+fn fresh<E: Exec>(ex: &E, cfg: ResNetConfig) -> Result<(ResNet, ParamStore, DevParams<E>)> {
+    let mut store = ParamStore::new();
+    let model = ResNet::new(&mut store, cfg, 1)?;
+    let p = DevParams::upload(ex, &store)?;
+    Ok((model, store, p))
+}
+
 /// Runs one training pass of a freshly initialised `cfg` ResNet (seed 1) on `ex` over `n`
 /// images of `hw`² pixels and verifies it against the CPU model (see the module docs).
 pub fn verify_pass<E: Exec>(ex: &E, cfg: ResNetConfig, n: usize, hw: usize) -> Result<PassReport> {
-    let mut store = ParamStore::new();
-    let model = ResNet::new(&mut store, cfg, 1)?;
-    let mut p = DevParams::upload(ex, &store)?;
+    let (model, store, mut p) = fresh(ex, cfg)?;
     let shape = Nhwc {
         n,
         h: hw,
@@ -434,9 +440,7 @@ fn timed_pass<E: Exec>(
     hw: usize,
 ) -> Result<Measured> {
     let ex = c.dev;
-    let mut store = ParamStore::new();
-    let model = ResNet::new(&mut store, cfg, 1)?;
-    let mut p = DevParams::upload(ex, &store)?;
+    let (model, _store, mut p) = fresh(ex, cfg)?;
     let shape = Nhwc {
         n,
         h: hw,
